@@ -1,0 +1,129 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_arm import ops
+from timm_arm.ops import causal_conv1d_silu, selective_scan, selective_scan_sequential, selective_scan_torch
+
+
+def _inputs(batch, directions, d, seqlen, d_state, dtype=torch.float32, requires_grad=False):
+    dim = directions * d
+    tensors = dict(
+        u=torch.randn(batch, dim, seqlen),
+        delta=torch.randn(batch, dim, seqlen) * 0.5,
+        A=-torch.rand(dim, d_state) * 4 - 0.1,
+        B=torch.randn(batch, directions, d_state, seqlen),
+        C=torch.randn(batch, directions, d_state, seqlen),
+        D=torch.randn(dim),
+        z=torch.randn(batch, dim, seqlen),
+        delta_bias=torch.randn(dim) * 0.5,
+    )
+    for k in ('u', 'delta', 'B', 'C', 'z'):
+        tensors[k] = tensors[k].to(dtype)
+    if requires_grad:
+        tensors = {k: v.requires_grad_() for k, v in tensors.items()}
+    return tensors
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 8, 197, 16), (1, 1, 5, 7, 4), (3, 2, 6, 64, 8), (2, 4, 3, 50, 16), (1, 1, 4, 1, 16)])
+@pytest.mark.parametrize('options', ['all', 'plain'])
+def test_parallel_scan_matches_sequential_fp32(shape, options):
+    t = _inputs(*shape)
+    kw = dict(delta_softplus=True) if options == 'all' else {}
+    if options == 'plain':
+        t.update(D=None, z=None, delta_bias=None)
+    out = selective_scan_torch(**t, **kw)
+    ref = selective_scan_sequential(**t, **kw)
+    assert out.shape == t['u'].shape and out.dtype == torch.float32
+    assert _rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize('chunk_size', [1, 3, 16, 64])
+def test_parallel_scan_any_chunk_size(chunk_size):
+    t = _inputs(2, 2, 4, 37, 8)
+    ref = selective_scan_sequential(**t, delta_softplus=True)
+    assert _rel_err(selective_scan_torch(**t, delta_softplus=True, chunk_size=chunk_size), ref) < 1e-5
+
+
+def test_parallel_scan_gradients_match_sequential():
+    t = _inputs(2, 4, 4, 45, 8, requires_grad=True)
+    grad_out = torch.randn(2, 16, 45)
+    grads = []
+    for fn in (selective_scan_torch, selective_scan_sequential):
+        out = fn(**t, delta_softplus=True)
+        grads.append(torch.autograd.grad(out, list(t.values()), grad_out))
+    for name, g, r in zip(t, *grads):
+        assert _rel_err(g, r) < 1e-4, name
+
+
+def test_parallel_scan_bf16_inputs():
+    t = _inputs(2, 4, 8, 197, 16, dtype=torch.bfloat16)
+    out = selective_scan_torch(**t, delta_softplus=True)
+    assert out.dtype == torch.bfloat16
+    ref = selective_scan_sequential(**{k: v.float() if v is not None else v for k, v in t.items()}, delta_softplus=True)
+    assert _rel_err(out, ref) < 1e-2
+
+
+def test_scan_groups_are_per_direction():
+    # channels of direction k must read B/C of group k: permuting the groups must change the output
+    t = _inputs(1, 2, 4, 20, 8)
+    out = selective_scan_torch(**t)
+    swapped = dict(t, B=t['B'].flip(1), C=t['C'].flip(1))
+    assert _rel_err(selective_scan_torch(**swapped), out) > 1e-2
+    # and direction 0 alone equals a 1-group scan of its own channels
+    first = {k: (v[:, :4] if k in ('u', 'delta', 'z') else v[:4] if k in ('A', 'D', 'delta_bias') else v[:, :1])
+             for k, v in t.items()}
+    assert _rel_err(selective_scan_torch(**first), out[:, :4]) < 1e-5
+
+
+def test_selective_scan_rejects_bad_groups():
+    t = _inputs(1, 3, 2, 10, 4)
+    t['B'] = torch.randn(1, 4, 4, 10)  # 6 channels cannot be split into 4 groups
+    t['C'] = torch.randn(1, 4, 4, 10)
+    with pytest.raises(ValueError, match='groups'):
+        selective_scan_torch(**t)
+
+
+@pytest.mark.parametrize('width', [2, 4])
+def test_causal_conv_matches_loop(width):
+    x = torch.randn(2, 6, 11)
+    w = torch.randn(6, width)
+    b = torch.randn(6)
+    out = causal_conv1d_silu(x, w, b)
+    ref = torch.zeros_like(x)
+    for t in range(x.shape[-1]):
+        for j in range(width):
+            src = t - (width - 1) + j
+            if src >= 0:
+                ref[..., t] += w[:, j] * x[..., src]
+    ref = F.silu(ref + b[:, None])
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_backend_selection(monkeypatch):
+    x = torch.randn(1, 2, 3)
+    assert ops.resolve_backend(x) == 'torch'
+    monkeypatch.setenv('TIMM_ARM_BACKEND', 'torch')
+    assert ops.get_backend() == 'torch'
+    monkeypatch.setenv('TIMM_ARM_BACKEND', 'bogus')
+    with pytest.raises(ValueError, match='unknown backend'):
+        ops.get_backend()
+    monkeypatch.delenv('TIMM_ARM_BACKEND')
+    with pytest.raises(RuntimeError, match='needs CUDA tensors'):
+        ops.resolve_backend(x, 'cuda')
+    ops.set_backend('torch')
+    try:
+        assert ops.get_backend() == 'torch'
+    finally:
+        ops.set_backend(None)
+    assert ops.get_backend() == 'auto'
+
+
+def test_dispatch_runs_torch_path_on_cpu():
+    t = _inputs(1, 2, 3, 9, 4)
+    out = selective_scan(**t, delta_softplus=True)
+    assert torch.equal(out, selective_scan_torch(**t, delta_softplus=True))

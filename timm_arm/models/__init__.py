@@ -1,0 +1,1 @@
+from .arm_mamba import ArmMamba, checkpoint_filter_fn, resample_pos_embed, scan_orders

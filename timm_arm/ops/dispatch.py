@@ -1,0 +1,105 @@
+""" The one place that chooses between the CUDA kernels and the plain-PyTorch path.
+
+Backend, in order of precedence: the ``backend`` argument, ``set_backend()``, the ``TIMM_ARM_BACKEND``
+environment variable, then ``'auto'``:
+    'auto':  mamba-ssm / causal-conv1d kernels for CUDA tensors when they are installed, PyTorch otherwise
+    'cuda':  the kernels, an error if they are missing or the tensors are not on a GPU
+    'torch': plain PyTorch everywhere
+"""
+import functools
+import importlib.util
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from .causal_conv1d import causal_conv1d_silu_cuda, causal_conv1d_silu_torch
+from .selective_scan import selective_scan_cuda_fn, selective_scan_torch
+
+__all__ = ['selective_scan', 'causal_conv1d_silu', 'set_backend', 'get_backend', 'resolve_backend', 'has_cuda_kernels']
+
+_BACKENDS = ('auto', 'cuda', 'torch')
+_backend_override: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=None)
+def has_cuda_kernels() -> bool:
+    """True when mamba-ssm's and causal-conv1d's compiled extensions can be imported."""
+    return all(importlib.util.find_spec(m) is not None for m in ('selective_scan_cuda', 'causal_conv1d_cuda'))
+
+
+def _check(name: str) -> str:
+    if name not in _BACKENDS:
+        raise ValueError(f'timm_arm: unknown backend {name!r}, expected one of {_BACKENDS}')
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide backend (None returns to the environment variable / 'auto')."""
+    global _backend_override
+    _backend_override = None if name is None else _check(name)
+
+
+def get_backend() -> str:
+    return _backend_override or _check(os.environ.get('TIMM_ARM_BACKEND', 'auto').lower())
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_slow_path():
+    warnings.warn(
+        'timm_arm: CUDA tensors but mamba-ssm / causal-conv1d kernels are not installed; using the slow '
+        'pure-PyTorch scan. Install them with `pip install timm-arm[cuda]`.', RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:
+    """Which implementation runs for a tensor on x's device: 'cuda' or 'torch'."""
+    name = _check(backend) if backend is not None else get_backend()
+    on_gpu = x.device.type == 'cuda'
+    if name == 'torch':
+        return 'torch'
+    if name == 'cuda':
+        if not on_gpu:
+            raise RuntimeError(f'timm_arm: backend "cuda" needs CUDA tensors, got {x.device}')
+        if not has_cuda_kernels():
+            raise RuntimeError('timm_arm: backend "cuda" needs mamba-ssm and causal-conv1d (pip install timm-arm[cuda])')
+        return 'cuda'
+    if on_gpu and not has_cuda_kernels():
+        _warn_slow_path()
+    return 'cuda' if on_gpu and has_cuda_kernels() else 'torch'
+
+
+def selective_scan(
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: Optional[torch.Tensor] = None,
+        z: Optional[torch.Tensor] = None,
+        delta_bias: Optional[torch.Tensor] = None,
+        delta_softplus: bool = False,
+        backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Selective scan of K stacked directions in one call; see ``timm_arm.ops.selective_scan`` for shapes."""
+    if resolve_backend(u, backend) == 'cuda':
+        # the kernel wants A, D, delta_bias in fp32 and u, delta, B, C, z in one activation dtype
+        dtype = u.dtype
+        delta, B, C = delta.to(dtype), B.to(dtype), C.to(dtype)
+        z = z.to(dtype) if z is not None else None
+        D = D.float() if D is not None else None
+        delta_bias = delta_bias.float() if delta_bias is not None else None
+        return selective_scan_cuda_fn(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus)
+    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def causal_conv1d_silu(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        backend: Optional[str] = None,
+) -> torch.Tensor:
+    """silu(depthwise causal conv1d(x)); x: (b, D, L), weight: (D, width), bias: (D,)."""
+    if resolve_backend(x, backend) == 'cuda':
+        return causal_conv1d_silu_cuda(x, weight.to(x.dtype), bias.to(x.dtype))
+    return causal_conv1d_silu_torch(x, weight.to(x.dtype), bias.to(x.dtype))
