@@ -69,7 +69,8 @@ def scan_orders(
 
     rows, cols = with_cls(row_major), with_cls(column_major)
     order = torch.stack([rows, rows.flip(0), cols, cols.flip(0)][:num_directions])
-    return order.to(device), order.argsort(dim=1).to(device)
+    with torch.inference_mode(False):  # cached across calls: must not become inference tensors
+        return order.to(device), order.argsort(dim=1).to(device)
 
 
 def resample_pos_embed(

@@ -1,0 +1,141 @@
+""" Throughput of ARM against timm's ViTs of the same size: one run, one card, same settings.
+
+    python benchmarks/throughput.py [--models base,large,huge] [--json benchmarks/results/<card>_<date>.json]
+
+For each size: inference img/s (batch 256), training img/s (AdamW step; batch 128 for base, 64 for large/huge),
+peak training memory, and the ARM / ViT ratios, at 224 px under bf16 autocast. Also ARM-B built the naive way
+(four separate conv -> x_proj -> dt_proj -> scan chains with flips and copies), as the reference code builds it.
+Timing: warm-up, then the median of CUDA-event timed steps.
+"""
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import timm
+
+import timm_arm  # noqa: F401
+from timm_arm.ops import causal_conv1d_silu, selective_scan
+
+PAIRS = {
+    'base': ('vit_base_patch16_224', 'arm_mamba_base', 128),
+    'large': ('vit_large_patch16_224', 'arm_mamba_large', 64),
+    'huge': ('vit_huge_patch14_224', 'arm_mamba_huge', 64),
+}
+
+
+class NaiveMixer(nn.Module):
+    """The reference construction: one kernel chain per direction, with flips / transposes between them."""
+
+    def __init__(self, mixer):
+        super().__init__()
+        self.m = mixer
+
+    def forward(self, x, order):
+        m, (batch, seqlen, _) = self.m, x.shape
+        d, N, R = m.d_inner, m.d_state, m.dt_rank
+        xz = m.in_proj(x).transpose(1, 2)  # (B, 2d, L)
+        total = 0
+        for k in range(m.num_directions):
+            seq = xz.index_select(-1, order[0][k])
+            u = causal_conv1d_silu(seq[:, :d].contiguous(), m.conv_weight[k], m.conv_bias[k])
+            dt, B, C = F.linear(u.transpose(1, 2), m.x_proj_weight[k]).split([R, N, N], dim=-1)
+            delta = F.linear(dt, m.dt_proj_weight[k]).transpose(1, 2)
+            y = selective_scan(u, delta.contiguous(), -torch.exp(m.A_log[k].float()), B.transpose(1, 2).unsqueeze(1),
+                               C.transpose(1, 2).unsqueeze(1), m.D[k], seq[:, d:].contiguous(), m.dt_proj_bias[k], True)
+            total = total + y.index_select(-1, order[1][k])
+        return m.out_proj((total / m.num_directions).transpose(1, 2))
+
+
+def naive(model):
+    for block in model.blocks:
+        block.mixer = NaiveMixer(block.mixer)
+    return model
+
+
+def cuda_time(fn, iters, warmup):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2] / 1000
+
+
+def measure(name, model, infer_batch, train_batch, iters, warmup):
+    model = model.cuda()
+    row = dict(model=name, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1))
+    model.eval()
+    x = torch.randn(infer_batch, 3, 224, 224, device='cuda')
+    with torch.inference_mode(), torch.autocast('cuda', torch.bfloat16):
+        row['infer_img_s'] = infer_batch / cuda_time(lambda: model(x), iters, warmup)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(train_batch, 3, 224, 224, device='cuda')
+    y = torch.randint(0, 1000, (train_batch,), device='cuda')
+
+    def step():
+        with torch.autocast('cuda', torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()
+    torch.cuda.reset_peak_memory_stats()
+    row['train_img_s'] = train_batch / cuda_time(step, iters, warmup)
+    row['train_peak_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
+    row['train_batch'], row['infer_batch'] = train_batch, infer_batch
+    del opt, model
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', default='base,large,huge')
+    parser.add_argument('--infer-batch', type=int, default=256)
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--no-naive', action='store_true')
+    parser.add_argument('--json', default='')
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    rows, ratios = [], []
+    for size in args.models.split(','):
+        vit_name, arm_name, train_batch = PAIRS[size]
+        vit = measure(vit_name, timm.create_model(vit_name), args.infer_batch, train_batch, args.iters, args.warmup)
+        arm = measure(arm_name, timm.create_model(arm_name), args.infer_batch, train_batch, args.iters, args.warmup)
+        rows += [vit, arm]
+        if size == 'base' and not args.no_naive:
+            rows.append(measure('arm_mamba_base (naive 4 chains)', naive(timm.create_model(arm_name)),
+                                args.infer_batch, train_batch, args.iters, args.warmup))
+        ratios.append(dict(size=size, infer=arm['infer_img_s'] / vit['infer_img_s'],
+                           train=arm['train_img_s'] / vit['train_img_s'],
+                           memory=arm['train_peak_gib'] / vit['train_peak_gib']))
+    device = torch.cuda.get_device_name()
+    print(f'device: {device}, torch {torch.__version__}, timm {timm.__version__}, bf16 autocast, 224 px')
+    print(f"{'model':<34}{'params M':>9}{'infer img/s':>13}{'train img/s':>13}{'train GiB':>11}")
+    for r in rows:
+        print(f"{r['model']:<34}{r['params_m']:>9.1f}{r['infer_img_s']:>13.0f}{r['train_img_s']:>13.0f}"
+              f"{r['train_peak_gib']:>11.1f}")
+    for r in ratios:
+        print(f"ARM/ViT {r['size']:<6} infer {r['infer']:.2f}x  train {r['train']:.2f}x  memory {r['memory']:.2f}x")
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(device=device, torch=torch.__version__, timm=timm.__version__,
+                           date=datetime.date.today().isoformat(), rows=rows, ratios=ratios), f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

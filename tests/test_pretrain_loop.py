@@ -1,0 +1,206 @@
+"""timm-arm-pretrain: resume exactness, crash-safe checkpoints, export into the classifier, logs, bad input."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import timm
+from timm_arm.pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from timm_arm.pretrain.cli import main, parse_args
+from timm_arm.pretrain.train import SetupError, train
+
+MODEL = ['--model', 'arm_mamba_tiny', '--model-kwargs', 'embed_dim=32', 'depth=2', 'patch_size=8', 'cluster_size=2',
+         'decoder_embed_dim=32', 'decoder_num_heads=2', '--img-size', '32']
+FAST = ['--amp-dtype', 'float32', '--workers', '0', '--no-progress', '--warmup-epochs', '1', '--blr', '0.02',
+        '--log-interval', '1']
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('images')
+    rng = np.random.default_rng(0)
+    for c in ('cat', 'dog'):
+        os.makedirs(root / c)
+        for i in range(12):
+            img = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+            img.save(root / c / f'{i}.{"png" if i % 2 else "jpg"}')
+    return str(root)
+
+
+def _args(data, out, *extra):
+    return parse_args(['--data-dir', data, '--output', str(out), *MODEL, *FAST, *extra])
+
+
+def _weights(path):
+    return load_checkpoint(path)['model']
+
+
+def test_resume_equals_uninterrupted(image_folder, tmp_path):
+    torch.set_num_threads(1)
+    common = ['-b', '8', '--grad-accum-steps', '2', '--epochs', '2', '--ckpt-interval', '100']
+    full = train(_args(image_folder, tmp_path / 'full', *common))
+    # 24 images / 8 = 3 updates per epoch; stop mid-epoch 1 (after 4 updates), then resume to the end
+    part = train(_args(image_folder, tmp_path / 'part', *common, '--max-steps', '4'))
+    assert part.endswith('checkpoint-00000004.pth')
+    state = load_checkpoint(part)
+    assert (state['epoch'], state['step_in_epoch'], state['global_step']) == (1, 1, 4)
+    resumed = train(_args(image_folder, tmp_path / 'part', *common))  # automatic resume from the output folder
+    assert os.path.basename(resumed) == os.path.basename(full) == 'checkpoint-00000006.pth'
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = load_checkpoint(full), load_checkpoint(resumed)
+    for pa, pb in zip(sa['optimizer']['state'].values(), sb['optimizer']['state'].values()):
+        assert torch.equal(pa['exp_avg_sq'], pb['exp_avg_sq'])
+    assert not torch.equal(a['encoder.blocks.0.mixer.x_proj_weight'],
+                           _weights(part)['encoder.blocks.0.mixer.x_proj_weight'])  # it did train further
+    # logs: one JSON line per update, with the required fields; the resumed run appended steps 5, 6
+    steps = [json.loads(line) for line in open(tmp_path / 'part' / 'log.jsonl')]
+    assert [r['step'] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert {'step', 'epoch', 'loss', 'lr', 'img_per_s'} <= steps[-1].keys()
+    assert steps[0]['lr'] == 0.0 and steps[2]['lr'] > 0  # warm-up from 0 over the first epoch
+
+
+def test_overfit_through_the_cli(image_folder, tmp_path):
+    """A batch the size of the data set, many epochs: the logged loss falls."""
+    torch.set_num_threads(1)
+    args = ['-b', '24', '--epochs', '30', '--warmup-epochs', '0', '--blr', '0.03', '--weight-decay', '0',
+            '--ckpt-interval', '1000', '--no-export', '--keep-last', '1']
+    assert main(['--data-dir', image_folder, '--output', str(tmp_path), *MODEL, *FAST, *args]) == 0
+    losses = [json.loads(line)['loss'] for line in open(tmp_path / 'log.jsonl')]
+    assert len(losses) == 30 and min(losses[-3:]) < 0.8 * losses[0], losses
+    assert [os.path.basename(p) for p in list_checkpoints(tmp_path)] == ['checkpoint-00000030.pth']  # keep_last
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
+    module = os.path.join(REPO, 'timm_arm', 'pretrain', 'checkpoint.py')
+    state = {'model': {'w': torch.arange(10.)}, 'global_step': 1}
+    save_checkpoint(state, str(tmp_path), 1)
+    script = textwrap.dedent(f"""
+        import importlib.util, os, signal, torch
+        # load checkpoint.py alone (no timm import): a fast child process
+        spec = importlib.util.spec_from_file_location('ckpt', {module!r})
+        ckpt = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ckpt)
+        real_save = torch.save
+        def dying_save(obj, f, *a, **k):
+            f.write(b'PK' + b'x' * 4096)  # half a file ...
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)  # ... then the process dies
+        torch.save = dying_save
+        ckpt.save_checkpoint({{'model': {{'w': torch.zeros(10)}}, 'global_step': 2}}, {str(tmp_path)!r}, 2)
+    """)
+    proc = subprocess.run([sys.executable, '-c', script])
+    assert proc.returncode == -9
+    assert any(f.endswith('.tmp') for f in os.listdir(tmp_path))  # the torn write exists, but under a temp name
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ['checkpoint-00000001.pth']
+    path = latest_checkpoint(str(tmp_path))
+    assert torch.equal(load_checkpoint(path)['model']['w'], torch.arange(10.))
+    # a torn file under the final name (e.g. copied by hand) is skipped by automatic resume
+    with open(tmp_path / 'checkpoint-00000003.pth', 'wb') as f:
+        f.write(b'garbage')
+    assert latest_checkpoint(str(tmp_path)) == path
+
+
+def test_export_loads_into_classifier(image_folder, tmp_path):
+    torch.set_num_threads(1)
+    assert main(['--data-dir', image_folder, '--output', str(tmp_path), *MODEL, *FAST,
+                 '-b', '8', '--epochs', '1', '--ckpt-interval', '1000']) == 0
+    export = tmp_path / 'export'
+    assert sorted(os.listdir(export)) == ['config.json', 'model.safetensors']
+    config = json.load(open(export / 'config.json'))
+    assert config['architecture'] == 'arm_mamba_tiny' and config['num_classes'] == 0
+    assert config['model_args'] == {'embed_dim': 32, 'depth': 2, 'patch_size': [8, 8]}
+    encoder = {k[len('encoder.'):]: v for k, v in _weights(latest_checkpoint(str(tmp_path))).items()
+               if k.startswith('encoder.')}
+
+    classifier = timm.create_model(
+        'arm_mamba_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(export / 'model.safetensors')),
+        num_classes=10, embed_dim=32, depth=2, patch_size=8, img_size=48)
+    sd = classifier.state_dict()
+    assert classifier.num_directions == 4 and sd['head.fc.weight'].shape == (10, 32)
+    for name in ('conv_weight', 'x_proj_weight', 'dt_proj_weight', 'dt_proj_bias', 'A_log', 'D'):
+        k = f'blocks.1.mixer.{name}'
+        assert encoder[k].shape[0] == 1
+        for d in range(4):
+            assert torch.equal(sd[k][d], encoder[k][0]), (k, d)
+    assert torch.equal(sd['blocks.0.mixer.in_proj.weight'], encoder['blocks.0.mixer.in_proj.weight'])
+    assert torch.equal(sd['patch_embed.proj.weight'], encoder['patch_embed.proj.weight'])
+    assert sd['pos_embed'].shape == (1, 6 * 6 + 1, 32)  # 4x4 pretraining grid resampled to 6x6 + middle cls
+    assert torch.all(sd['pos_embed'][0, 18] == 0)
+    assert classifier(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+
+    # the --export command re-exports any checkpoint; local-dir: builds the 4-direction classifier from config
+    again = tmp_path / 'again'
+    assert main(['--output', str(tmp_path), '--export', str(again)]) == 0
+    local = timm.create_model(f'local-dir:{again}', pretrained=True)
+    assert local.num_directions == 4 and local.num_classes == 0
+    assert torch.equal(local.state_dict()['blocks.1.mixer.A_log'][3], encoder['blocks.1.mixer.A_log'][0])
+
+
+def test_config_file(image_folder, tmp_path):
+    cfg = tmp_path / 'r.yaml'
+    cfg.write_text('batch_size: 16\nepochs: 7\nmodel_kwargs: {cluster_size: 2}\nblr: 1.0e-3\n')
+    args = parse_args(['--config', str(cfg), '--epochs', '3'])
+    assert (args.batch_size, args.epochs, args.model_kwargs, args.blr) == (16, 3, {'cluster_size': 2}, 1e-3)
+    cfg.write_text('batch_sise: 16\n')
+    with pytest.raises(SystemExit):
+        parse_args(['--config', str(cfg)])
+    for recipe in os.listdir(os.path.join(REPO, 'recipes', 'pretrain')):
+        parse_args(['--config', os.path.join(REPO, 'recipes', 'pretrain', recipe)])
+
+
+def _fails(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+
+
+def test_bad_input(image_folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    base = ['--output', str(out), *MODEL, *FAST, '-b', '8', '--epochs', '1']
+    _fails(capsys, ['--data-dir', str(tmp_path / 'nope'), *base], 'does not exist')
+    os.makedirs(tmp_path / 'empty' / 'a')
+    _fails(capsys, ['--data-dir', str(tmp_path / 'empty'), *base], 'holds no images')
+    os.makedirs(tmp_path / 'broken' / 'a')
+    for i in range(3):
+        (tmp_path / 'broken' / 'a' / f'{i}.jpg').write_bytes(b'not a jpeg')
+    _fails(capsys, ['--data-dir', str(tmp_path / 'broken'), *base], 'Cannot decode image')
+    _fails(capsys, ['--data-dir', image_folder, *base, '--img-size', '40'], 'must be divisible by patch size')
+    _fails(capsys, ['--data-dir', image_folder, *base, '-b', '64'], 'less than one global batch')
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    _fails(capsys, ['--data-dir', image_folder, *base, '-b', '2'], 'smaller than the world size 4')
+    monkeypatch.delenv('WORLD_SIZE')
+    assert not out.exists()  # nothing written by any of these
+
+    # a resume file from another model: clear error, the output folder untouched
+    assert main(['--data-dir', image_folder, *base, '--max-steps', '1']) == 0
+    before = {f: os.path.getmtime(out / f) for f in os.listdir(out)}
+    other = [a if a != 'depth=2' else 'depth=3' for a in base]
+    _fails(capsys, ['--data-dir', image_folder, *other], 'is from another model')
+    _fails(capsys, ['--data-dir', image_folder, *base, '--no-resume'], 'already holds checkpoints')
+    _fails(capsys, ['--data-dir', image_folder, *base, '--resume', str(tmp_path / 'missing.pth')], 'no such file')
+    assert {f: os.path.getmtime(out / f) for f in os.listdir(out)} == before
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    """torchrun (gloo, CPU): 1 and 2 processes at the same global batch log the same losses."""
+    script = os.path.join(REPO, 'benchmarks', 'pretrain_ddp_check.py')
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+    for n in (1, 2):
+        subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', str(n), '--master-port',
+                        str(29400 + n), script, '--device', 'cpu', '--steps', '3', '--batch-size', '8',
+                        '--img-size', '32', '--workdir', str(tmp_path), '--json', str(tmp_path / f'{n}.json')],
+                       env=env, check=True, capture_output=True)
+    a, b = (json.load(open(tmp_path / f'{n}.json'))['losses'] for n in (1, 2))
+    assert len(a) == len(b) == 3
+    assert np.allclose(a, b, rtol=1e-5), (a, b)

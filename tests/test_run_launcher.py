@@ -1,0 +1,90 @@
+""" timm-arm-run: runs a timm script (validate.py, benchmark.py, ...) as __main__ with the ARM models registered. """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from timm_arm.run import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+STAND_IN = '''
+import sys
+import timm
+import torch
+
+assert __name__ == '__main__'
+model = timm.create_model('arm_mamba_tiny', embed_dim=32, depth=1, img_size=32, patch_size=8, num_classes=5)
+out = model(torch.randn(2, 3, 32, 32))
+print('argv', sys.argv[1:], 'out', tuple(out.shape), 'script', sys.argv[0].endswith('stand_in.py'))
+'''
+
+TRAIN_STAND_IN = '''
+import argparse
+from pathlib import Path
+parser = argparse.ArgumentParser()
+parser.add_argument('-c', '--config', default='')
+parser.add_argument('--model', default='resnet50')
+parser.add_argument('--pretrained', action='store_true')
+parser.add_argument('--pretrained-path', default=None)
+parser.add_argument('--epochs', type=int, default=300)
+parser.add_argument('--device-modules', nargs='+', default=None)
+Path(__file__).with_name('ran').write_text('yes')
+'''
+
+
+def test_fresh_interpreter_registers_models(tmp_path):
+    """In a new interpreter (nothing imported yet), the stand-in script's create_model('arm_mamba_tiny') works."""
+    script = tmp_path / 'stand_in.py'
+    script.write_text(STAND_IN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    result = subprocess.run(
+        [sys.executable, '-m', 'timm_arm.run', str(script), '--flag', 'value'],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "argv ['--flag', 'value'] out (2, 5) script True" in result.stdout
+
+
+def test_module_form(tmp_path, monkeypatch, capsys):
+    (tmp_path / 'stand_in_module.py').write_text(STAND_IN.replace("sys.argv[0].endswith('stand_in.py')", 'True'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, 'argv', ['timm-arm-run'])
+    main(['-m', 'stand_in_module', '--x=1'])
+    assert "argv ['--x=1'] out (2, 5)" in capsys.readouterr().out
+
+
+def test_usage_and_missing_script(monkeypatch):
+    monkeypatch.setattr(sys, 'argv', ['timm-arm-run'])
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit, match='no such script'):
+        main(['does_not_exist.py'])
+
+
+@pytest.mark.parametrize('recipe, extra, error', [
+    ('model: arm_mamba_tiny\ndevice_modules: [timm_arm]\nepochs: 3\n', [], None),
+    ('model: arm_mamba_tiny\ndevice_modules: [timm_arm]\nepoch: 3\n', [], "unknown key 'epoch'"),
+    # keys are checked against the train.py being run: this stand-in has no --layer-decay
+    ('model: arm_mamba_tiny\ndevice_modules: [timm_arm]\nlayer_decay: 0.65\n', [], "unknown key 'layer_decay'"),
+    ('model: arm_mamba_tiny\ndevice_modules: [timm_arm]\npretrained: true\n', [], 'has no published weights'),
+    ('model: arm_mamba_tiny\ndevice_modules: [timm_arm]\npretrained: true\n', ['--pretrained-path', 'x.pt'], None),
+])
+def test_train_recipe_checked_before_run(tmp_path, monkeypatch, recipe, extra, error):
+    train = tmp_path / 'train.py'
+    train.write_text(TRAIN_STAND_IN)
+    config = tmp_path / 'recipe.yaml'
+    config.write_text(recipe)
+    monkeypatch.setattr(sys, 'argv', ['timm-arm-run'])
+    argv = [str(train), '--config', str(config), *extra]
+    if error is None:
+        main(argv)
+        assert (tmp_path / 'ran').exists()
+    else:
+        with pytest.raises(SystemExit, match=error):
+            main(argv)
+        assert not (tmp_path / 'ran').exists()
+        main(['--no-check', *argv])
+        assert (tmp_path / 'ran').exists()

@@ -1,0 +1,423 @@
+""" Convert a checkpoint into a Hub-ready folder, and verify such a folder against its source.
+
+A folder holds what timm's save_for_hf writes (model.safetensors, config.json with architecture / model_args /
+pretrained_cfg) plus a README.md model card. Two forms:
+    * classifier (fine-tuned, 4 scan directions, class token, head): loads as is;
+    * AR-pretrained encoder (1 causal direction, sin-cos positions, no class token, no head): stored in its
+      pretraining form; config.json's model_args describe only its shape, so timm builds the 4-direction
+      classifier from it and arm_mamba.checkpoint_filter_fn copies the direction into all four (as the paper
+      does before fine-tuning). Pass ENCODER_FORM as kwargs to get the pretraining form itself.
+
+A conversion is lossless and strict: every tensor of the model comes from the checkpoint (no fresh head or class
+token, no resampled position embedding), the result is checked against the source before the folder appears, and
+the folder is written under a temporary name and renamed into place, so it is complete or absent.
+"""
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import timm
+from timm.data import resolve_data_config
+from timm.models import get_pretrained_cfg, is_model, list_models, save_for_hf, split_model_name_tag
+
+from timm_arm.models.arm_mamba import HUB_ORG, checkpoint_filter_fn
+from .source import CheckpointInfo, HubError, describe_state_dict, read_checkpoint, sha256_file
+
+__all__ = ['convert', 'verify', 'ENCODER_FORM', 'PAPER_RESULTS', 'model_card']
+
+_logger = logging.getLogger(__name__)
+
+# ArmMamba kwargs of the AR-pretraining form of the encoder (as ArmPretrainer builds it)
+ENCODER_FORM = dict(num_directions=1, class_token=False, pos_embed='sincos')
+
+# Published ImageNet-1k top-1 after fine-tuning (paper, Table 1): (name, arch, embed_dim, depth, params M, @224, @384)
+PAPER_RESULTS = (
+    ('ARM-B', 'arm_mamba_base', 768, 12, 85, 83.2, None),
+    ('ARM-L', 'arm_mamba_large', 1024, 24, 297, 84.5, None),
+    ('ARM-H', 'arm_mamba_huge', 1536, 24, 663, 85.0, 85.5),
+)
+_PAPER_NOTE = 'A supervised Mamba-B of the same shape as ARM-B reaches 81.2.'
+
+TEMPLATE = Path(__file__).resolve().parents[2] / 'hub' / 'MODEL_CARD.md'
+
+_CITATION = """@inproceedings{ren2025autoregressive,
+  title     = {Autoregressive Pretraining with Mamba in Vision},
+  author    = {Ren, Sucheng and Li, Xianhang and Tu, Haoqin and Wang, Feng and Shu, Fangxun and Zhang, Lei and
+               Mei, Jieru and Yang, Linjie and Wang, Peng and Wang, Heng and Yuille, Alan and Xie, Cihang},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2025},
+  url       = {https://arxiv.org/abs/2406.07537}
+}"""
+
+_USAGE_CLASSIFIER = """```python
+import timm
+import timm_arm  # registers the ARM models in timm
+from PIL import Image
+
+model = timm.create_model('{model_id}', pretrained=True).eval()  # or 'hf-hub:{repo_id}'
+transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+image = Image.open('image.jpg').convert('RGB')
+probs = model(transform(image).unsqueeze(0)).softmax(dim=-1)
+top5_prob, top5_class = probs.topk(5)
+```"""
+
+_USAGE_ENCODER = """These are the weights of the encoder after autoregressive pretraining, before fine-tuning: no class token,
+no classifier, one causal scan direction. timm builds the four-direction classifier from them (the forward direction
+is copied into all four, a zero class position is inserted in the middle of the position embedding, the head starts
+fresh), which is where the paper's fine-tuning starts:
+
+```python
+import timm
+import timm_arm  # registers the ARM models in timm
+
+# fine-tuning starting point: 224 px, 1000 classes (position embedding resampled from {img_size} px)
+model = timm.create_model('{model_id}', pretrained=True, img_size=224, num_classes=1000)
+
+# the encoder in its pretraining form (1 causal direction), e.g. for feature extraction
+encoder = timm.create_model('{model_id}', pretrained=True, num_directions=1, class_token=False, pos_embed='sincos')
+features = encoder.forward_features(images)  # (B, H/{patch_size}, W/{patch_size}, {embed_dim}) normalised patch tokens
+```
+
+Fine-tuning recipes for timm's train.py: `recipes/finetune/` in the timm-arm repository."""
+
+
+def _one_line(e: Exception) -> str:
+    return '; '.join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def _arm_models() -> Tuple[str, ...]:
+    return tuple(list_models('arm_mamba*'))
+
+
+def _paper_row(embed_dim: int, depth: int):
+    return next((r for r in PAPER_RESULTS if (r[2], r[3]) == (embed_dim, depth)), None)
+
+
+def _resolve_name(model_name: str, info: CheckpointInfo, tag_given: bool) -> Tuple[str, Dict[str, Any]]:
+    """Registered '<arch>.<tag>' for the checkpoint, and its pretrained cfg."""
+    arch, tag = split_model_name_tag(model_name)
+    if not is_model(arch) or arch not in _arm_models():
+        raise HubError(f'--model {model_name}', f'not an ARM model; choose one of {", ".join(_arm_models())}')
+    if tag_given:
+        if tag.endswith('_ar') != info.is_encoder:
+            want = 'an AR-pretrained encoder (tag *_ar)' if tag.endswith('_ar') else 'a fine-tuned classifier'
+            raise HubError(f'--model {model_name}', f'{model_name} is {want}, but the checkpoint is an '
+                                                    f'{info.summary()}')
+        candidates = [f'{arch}.{tag}']
+    elif info.is_encoder:
+        candidates = [f'{arch}.arm_in1k_ar']
+    else:
+        candidates = ([f'{arch}.arm_in1k_384'] if info.img_size == (384, 384) else []) + [f'{arch}.arm_in1k']
+    for name in candidates:
+        cfg = get_pretrained_cfg(name)
+        if cfg is not None:
+            return name, cfg.to_dict()
+    if tag_given:
+        raise HubError(f'--model {model_name}', f'{arch} has no pretrained tag {tag!r}')
+    cfg = get_pretrained_cfg(arch)  # architecture default (e.g. arm_mamba_tiny.untrained)
+    return f'{arch}.{cfg.tag}' if cfg.tag else arch, cfg.to_dict()
+
+
+def _build(model_id: str, cfg: Dict[str, Any], info: CheckpointInfo, model_kwargs: Dict[str, Any], file: Path):
+    """The target model for the checkpoint: its size from the architecture (+ kwargs), the rest from the checkpoint."""
+    kwargs = dict(model_kwargs)
+    if 'img_size' in kwargs:
+        size = kwargs['img_size']
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        patch = kwargs.get('patch_size', info.patch_size)
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        grid = (size[0] // patch[0], size[1] // patch[1])
+        if grid != info.grid:
+            raise HubError(file, f'img_size={kwargs["img_size"]} makes a {grid[0]}x{grid[1]} patch grid, but the '
+                                 f'position embedding is for {info.grid[0]}x{info.grid[1]}; a conversion does not '
+                                 f'resample (omit img_size to use the checkpoint\'s)')
+    else:
+        cfg_size = tuple(cfg['input_size'][1:])
+        if cfg.get('hf_hub_id') and cfg_size != info.img_size:
+            raise HubError(file, f'the checkpoint is for {info.img_size[0]} px ({info.grid[0]}x{info.grid[1]} '
+                                 f'patches of {info.patch_size}) but {model_id} is for {cfg_size[0]} px; choose the '
+                                 f'matching tag, or pass --model-kwargs img_size=... to override')
+        kwargs['img_size'] = info.img_size
+    if info.is_encoder:
+        kwargs.update(ENCODER_FORM, num_classes=0)
+    elif 'num_classes' not in kwargs and info.num_classes is not None:
+        kwargs['num_classes'] = info.num_classes
+    try:
+        model = timm.create_model(model_id, pretrained=False, **kwargs)
+    except Exception as e:
+        raise HubError(f'--model {model_id}', f'cannot build it with {kwargs}: {_one_line(e)}') from None
+    return model.eval(), kwargs
+
+
+def _load_strict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], file: Any, info: CheckpointInfo):
+    """checkpoint_filter_fn, then a strict load in which every tensor must come from the checkpoint."""
+    try:
+        converted = checkpoint_filter_fn(state_dict, model)
+    except (RuntimeError, ValueError, KeyError) as e:
+        hint = ''
+        row = _paper_row(info.embed_dim, info.depth)
+        if (info.embed_dim, info.depth) != (model.embed_dim, len(model.blocks)):
+            hint = (f' (the checkpoint is embed_dim={info.embed_dim}, depth={info.depth}'
+                    + (f': {row[1]}' if row else '') + ')')
+        raise HubError(file, _one_line(e) + hint) from None
+    own = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    fresh = [k for k, v in converted.items() if v.numel() and own.get(k) == v.data_ptr()]
+    if fresh:
+        raise HubError(file, f'missing keys ({len(fresh)}): {", ".join(fresh)} (the model would keep random '
+                             f'values; for an encoder without head pass --model-kwargs num_classes=0)')
+    try:
+        model.load_state_dict(converted, strict=True)
+    except RuntimeError as e:
+        raise HubError(file, _one_line(e)) from None
+
+
+def _test_images(cfg: Dict[str, Any], batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Smooth random images (bicubic-upsampled colour noise plus fine grain), normalised like real inputs."""
+    g = torch.Generator().manual_seed(seed)
+    C, H, W = cfg['input_size']
+    low = torch.rand(batch, C, 7, 7, generator=g)
+    img = F.interpolate(low, size=(H, W), mode='bicubic', align_corners=False)
+    img = (img + 0.03 * torch.randn(batch, C, H, W, generator=g)).clamp(0, 1)
+    mean = torch.tensor(cfg['mean']).view(1, -1, 1, 1)
+    std = torch.tensor(cfg['std']).view(1, -1, 1, 1)
+    return (img - mean) / std
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def verify(
+        folder: Any,
+        source: Optional[Any] = None,
+        entry: Optional[str] = None,
+        tolerance: float = 1e-5,
+        source_state_dict: Optional[Dict[str, torch.Tensor]] = None,
+        log: Callable[[str], None] = print,
+) -> float:
+    """Reload `folder` through timm ('local-dir:') and compare its outputs with the source checkpoint's.
+
+    The source is loaded by a separate path (read_checkpoint -> checkpoint_filter_fn -> a fresh model built from
+    config.json's architecture and model_args). Without a source, the folder's own weights are the reference, which
+    checks the timm loading path (config, filter, data config) but not the conversion. Returns the largest relative
+    difference of the outputs (features and logits); raises HubError above `tolerance`.
+    """
+    folder = Path(folder)
+    for name in ('config.json', 'model.safetensors'):
+        if not (folder / name).is_file():
+            raise HubError(folder, f'no {name}: not a folder written by timm-arm-hub convert or save_for_hf')
+    try:
+        config = json.loads((folder / 'config.json').read_text())
+        arch, model_args = config['architecture'], dict(config.get('model_args', {}))
+    except (ValueError, KeyError) as e:
+        raise HubError(folder / 'config.json', f'unreadable timm config ({_one_line(e)})') from None
+    weights, _, _ = read_checkpoint(folder / 'model.safetensors')
+    info = describe_state_dict(weights, folder / 'model.safetensors')
+    form = dict(ENCODER_FORM) if info.is_encoder else {}
+
+    try:
+        loaded = timm.create_model(f'local-dir:{folder}', pretrained=True, **form).eval()
+    except Exception as e:
+        raise HubError(folder, f'timm cannot load it ({_one_line(e)})') from None
+    if info.is_encoder:  # the way users load it: the 4-direction classifier, directions copied
+        try:
+            timm.create_model(f'local-dir:{folder}', pretrained=True)
+        except Exception as e:
+            raise HubError(folder, f'timm cannot load it as a classifier ({_one_line(e)})') from None
+
+    if source_state_dict is None and source is not None:
+        source_state_dict, file, _ = read_checkpoint(source, entry)
+        recorded = config.get('conversion', {}).get('source_sha256')
+        if recorded and recorded != sha256_file(file):
+            log(f'note: {file} is not the file this folder was converted from (sha256 differs from config.json)')
+    reference_file = source if source is not None else folder / 'model.safetensors'
+    reference = timm.create_model(arch, pretrained=False, **{**model_args, **form}).eval()
+    _load_strict(reference, source_state_dict if source_state_dict is not None else weights, reference_file,
+                 describe_state_dict(source_state_dict, reference_file) if source_state_dict is not None else info)
+
+    x = _test_images(resolve_data_config(model=loaded))
+    with torch.no_grad():
+        feats_a, feats_b = loaded.forward_features(x), reference.forward_features(x)
+        logits_a, logits_b = loaded.forward_head(feats_a), reference.forward_head(feats_b)
+    err = max(_max_rel(feats_a, feats_b), _max_rel(logits_a, logits_b))
+    what = 'features' if info.is_encoder else 'logits'
+    if not err <= tolerance:
+        raise HubError(folder, f'{what} differ from {reference_file}: max relative error {err:.2e} > {tolerance:.0e}')
+    log(f'verified {folder}: {what} {tuple(logits_a.shape)} match {reference_file} '
+        f'(max relative error {err:.1e} <= {tolerance:.0e})')
+    return err
+
+
+def model_card(
+        model: torch.nn.Module,
+        model_id: str,
+        repo_id: str,
+        info: CheckpointInfo,
+        cfg: Dict[str, Any],
+        source_name: str,
+        source_sha256: str,
+        entry: str,
+        template: Path = TEMPLATE,
+) -> str:
+    """README.md for the folder: hub/MODEL_CARD.md filled in with str.format."""
+    try:
+        text = Path(template).read_text(encoding='utf-8')
+    except OSError as e:
+        raise HubError(template, f'model card template unreadable ({e.strerror or e})') from None
+    row = _paper_row(info.embed_dim, info.depth)
+    lines = ['| Model | timm architecture | Width × depth | Params | Top-1 @ 224 | Top-1 @ 384 |',
+             '| --- | --- | --- | --- | --- | --- |']
+    for name, arch, dim, depth, params, top1, top1_384 in PAPER_RESULTS:
+        cells = [name, f'`{arch}`', f'{dim} × {depth}', f'{params} M', f'{top1:.1f}',
+                 f'{top1_384:.1f}' if top1_384 else '–']
+        if row and row[1] == arch:
+            cells = [f'**{c}**' for c in cells]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    results_note = ('Numbers from the paper (fine-tuned on ImageNet-1k), not re-measured with these weights. '
+                    + _PAPER_NOTE)
+    if row is None:
+        results_note += (f' This model ({info.embed_dim} × {info.depth}) is none of the published sizes; '
+                         'the table is for reference only.')
+    elif info.is_encoder:
+        results_note += ' This folder holds the pretrained encoder: the numbers are reached after fine-tuning it.'
+    H, W = cfg['input_size'][1:]
+    params = sum(p.numel() for p in model.parameters())
+    in1k = 'in1k' in model_id.partition('.')[2]
+    dataset = 'ImageNet-1k' if in1k else 'an unspecified dataset'
+    fields = dict(
+        model_id=model_id,
+        repo_id=repo_id,
+        architecture=model_id.split('.')[0],
+        license=cfg.get('license', 'apache-2.0'),
+        pipeline_tag='image-feature-extraction' if info.is_encoder else 'image-classification',
+        summary=(f'The encoder of {row[0] if row else "an ARM Mamba"} after autoregressive pretraining on '
+                 f'{dataset} ({H} px), from "Autoregressive Pretraining with Mamba in Vision" (ICLR 2025).'
+                 if info.is_encoder else
+                 f'{row[0] if row else "An ARM Mamba"} image classifier: autoregressive pretraining, then '
+                 f'fine-tuning on {dataset} at {H} px, from "Autoregressive Pretraining with Mamba in Vision" '
+                 f'(ICLR 2025).'),
+        dataset=dataset if in1k else 'unspecified',
+        datasets_yaml='datasets:\n- imagenet-1k\n' if in1k else '',
+        model_type='Feature backbone (AR-pretrained encoder)' if info.is_encoder else 'Image classification',
+        embed_dim=info.embed_dim,
+        depth=info.depth,
+        patch_size=info.patch_size,
+        num_directions=info.num_directions,
+        params_m=f'{params / 1e6:.1f}',
+        image_size=f'{H} × {W}',
+        mean=', '.join(f'{v:.3f}' for v in cfg['mean']),
+        std=', '.join(f'{v:.3f}' for v in cfg['std']),
+        interpolation=cfg.get('interpolation', 'bicubic'),
+        crop_pct=cfg.get('crop_pct', 1.0),
+        source_name=source_name,
+        source_sha256=source_sha256,
+        entry=entry or 'the whole file',
+        layout=info.layout,
+        results_table='\n'.join(lines),
+        results_note=results_note,
+        usage=(_USAGE_ENCODER if info.is_encoder else _USAGE_CLASSIFIER).format(
+            model_id=model_id, repo_id=repo_id, img_size=H, patch_size=info.patch_size, embed_dim=info.embed_dim),
+        citation=_CITATION,
+    )
+    try:
+        return text.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise HubError(template, f'bad placeholder in the model card template ({_one_line(e)})') from None
+
+
+def _set_modes(folder: Path) -> None:
+    """mkdtemp / safetensors create owner-only entries: give the folder the modes of ordinary files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob('*'):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not overwrite:
+        raise HubError(out, 'already exists (pass --overwrite to replace it)')
+    old = out.with_name(f'.{out.name}.old-{os.getpid()}')
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def convert(
+        source: Any,
+        out_dir: Any,
+        model_name: str,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        entry: Optional[str] = None,
+        overwrite: bool = False,
+        repo_id: Optional[str] = None,
+        check: bool = True,
+        template: Path = TEMPLATE,
+        log: Callable[[str], None] = print,
+) -> Path:
+    """Convert `source` (reference-code or timm-arm checkpoint) into the Hub-ready folder `out_dir`.
+
+    Args:
+        source: Checkpoint file or folder (see read_checkpoint).
+        out_dir: Folder to create; an existing one is refused unless `overwrite`.
+        model_name: 'arm_mamba_<size>[.<tag>]'; without a tag, the one matching the checkpoint (arm_in1k,
+            arm_in1k_384 or arm_in1k_ar).
+        model_kwargs: Extra create_model kwargs (e.g. a non-standard size); img_size and num_classes default to
+            the checkpoint's.
+        entry: Checkpoint entry to take ('model', 'model_ema', ...); default 'model' / 'state_dict'.
+        repo_id: Hub repo named in the model card; default: the tag's hf_hub_id, else '<HUB_ORG>/<model>'.
+        check: Verify the folder against the source before it is moved into place.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise HubError(out, 'already exists (pass --overwrite to replace it)')
+    if out.exists() and not out.is_dir():
+        raise HubError(out, 'exists and is not a folder')
+    state_dict, file, taken = read_checkpoint(source, entry)
+    info = describe_state_dict(state_dict, file)
+    log(f'read {file}' + (f" (entry '{taken}')" if taken else '') + f': {info.summary()}')
+
+    model_id, cfg = _resolve_name(model_name, info, tag_given='.' in model_name)
+    model, kwargs = _build(model_id, cfg, info, model_kwargs or {}, file)
+    _load_strict(model, state_dict, file, info)
+    if info.is_encoder:  # config.json describes the shape only, so timm builds the classifier from it
+        model._model_args = {k: v for k, v in model._model_args.items() if k not in ENCODER_FORM}
+    repo_id = repo_id or cfg.get('hf_hub_id') or f'{HUB_ORG}/{model_id}'
+    source_sha256 = sha256_file(file)
+    from timm_arm import __version__
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
+    try:
+        conversion = dict(
+            tool=f'timm-arm-hub {__version__}', source=file.name, source_sha256=source_sha256,
+            entry=taken or None, layout=info.layout, form='encoder' if info.is_encoder else 'classifier')
+        save_for_hf(model, tmp, safe_serialization=True, model_config={'conversion': conversion})
+        written_cfg = json.loads((tmp / 'config.json').read_text())['pretrained_cfg']  # the data config as saved
+        card = model_card(model, model_id, repo_id, info, written_cfg, file.name, source_sha256, taken,
+                          template=template)
+        (tmp / 'README.md').write_text(card, encoding='utf-8')
+        if check:
+            verify(tmp, source_state_dict=state_dict, log=lambda msg: None)
+        _set_modes(tmp)
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f'wrote {out}: {", ".join(sorted(p.name for p in out.iterdir()))} ({model_id}'
+        + (', verified against the source' if check else '') + ')')
+    return out

@@ -1,0 +1,113 @@
+""" timm-arm-pretrain: ARM autoregressive pretraining (also `python -m timm_arm.pretrain`).
+
+Single process:   timm-arm-pretrain --config recipes/pretrain/cifar10_tiny.yaml --data-dir DIR --output OUT
+Multi-GPU / node: torchrun --nproc-per-node 8 [--nnodes N --rdzv-endpoint HOST:PORT] -m timm_arm.pretrain ...
+Export encoder:   timm-arm-pretrain --output OUT --export OUT/export   (latest checkpoint in OUT, or --resume FILE)
+
+--batch-size is the GLOBAL batch per optimizer update; each of the world_size processes runs micro-batches of
+batch_size / (world_size x grad_accum_steps). lr = blr x batch_size / 256 for any world size.
+Every flag can be set in a YAML file (--config), with underscores: `batch_size: 2048`; the command line wins.
+"""
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+import yaml
+
+from timm.utils import ParseKwargs
+
+__all__ = ['main', 'build_parser', 'parse_args']
+
+_logger = logging.getLogger('timm_arm.pretrain')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        'timm-arm-pretrain', description='ARM autoregressive pretraining of an ArmMamba encoder.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group('Data')
+    g.add_argument('--data-dir', default='', help='image folder (class sub-folders or not), .tar, or dataset root')
+    g.add_argument('--dataset', default='', help='timm dataset name ("" = folder / tar; e.g. hfds/..., wds/...)')
+    g.add_argument('--train-split', default='train', help='dataset split (a folder of that name is used if present)')
+    g.add_argument('--workers', '-j', type=int, default=8, help='data loading processes per GPU')
+    g.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument('--check-images', type=int, default=8, help='decode this many images before starting')
+
+    g = parser.add_argument_group('Model')
+    g.add_argument('--model', default='arm_mamba_base', help='registered ArmMamba variant')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='k=v: cluster_size, tap_layers, decoder_embed_dim, decoder_depth, embed_dim, depth, ...')
+    g.add_argument('--img-size', type=int, default=192)
+    g.add_argument('--grad-checkpointing', action='store_true')
+
+    g = parser.add_argument_group('Optimisation')
+    g.add_argument('-b', '--batch-size', type=int, default=2048, help='global batch per optimizer update')
+    g.add_argument('--grad-accum-steps', type=int, default=1)
+    g.add_argument('--epochs', type=int, default=1600)
+    g.add_argument('--warmup-epochs', type=int, default=40)
+    g.add_argument('--blr', type=float, default=1.5e-4, help='base lr: lr = blr x batch_size / 256')
+    g.add_argument('--lr', type=float, default=None, help='absolute lr (overrides --blr)')
+    g.add_argument('--min-lr', type=float, default=0.)
+    g.add_argument('--warmup-lr', type=float, default=0.)
+    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--clip-grad', type=float, default=3.0, help='max grad norm (0 / None: off)')
+    g.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16', 'float32'))
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--max-steps', type=int, default=0, help='stop (with a checkpoint) after this many updates')
+
+    g = parser.add_argument_group('Output')
+    g.add_argument('--output', default='output/pretrain', help='folder for checkpoints, logs, export')
+    g.add_argument('--resume', default='', help='checkpoint file; default: the latest one in --output')
+    g.add_argument('--no-resume', action='store_true', help='start fresh (refused if --output has checkpoints)')
+    g.add_argument('--ckpt-interval', type=int, default=1000, help='checkpoint every N updates (and each epoch)')
+    g.add_argument('--keep-last', type=int, default=3, help='checkpoints to keep')
+    g.add_argument('--log-interval', type=int, default=20, help='updates between log lines')
+    g.add_argument('--no-progress', action='store_true', help='no progress bar')
+    g.add_argument('--log-tb', action='store_true', help='TensorBoard events in --output/tb (if installed)')
+    g.add_argument('--log-wandb', action='store_true', help='log to Weights & Biases (if installed)')
+    g.add_argument('--wandb-project', default='timm-arm-pretrain')
+    g.add_argument('--export', default='', metavar='DIR',
+                   help='only export the encoder of the checkpoint (--resume or latest in --output) to DIR')
+    g.add_argument('--no-export', action='store_true', help='do not export the encoder at the end of training')
+    g.add_argument('--device', default='', help='cuda / cpu (default: cuda if available)')
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='', metavar='FILE.yaml')
+    known, remaining = config_parser.parse_known_args(argv)
+    parser = build_parser()
+    parser.add_argument('-c', '--config', default='', metavar='FILE.yaml', help='YAML file of flag defaults')
+    if known.config:
+        with open(known.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(k for k in cfg if k.replace('-', '_') not in dests)
+        if unknown:
+            parser.error(f'unknown keys in {known.config}: {", ".join(unknown)}')
+        parser.set_defaults(**{k.replace('-', '_'): v for k, v in cfg.items()})
+    args = parser.parse_args(remaining)
+    args.config = known.config
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .train import SetupError, export_checkpoint, train
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    try:
+        if args.export:
+            export_checkpoint(args)
+        else:
+            train(args)
+    except SetupError as e:
+        _logger.error(str(e))
+        print(f'timm-arm-pretrain: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
