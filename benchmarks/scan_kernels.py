@@ -88,26 +88,29 @@ def sweep(shape, iters):
     t = {k: v.detach() for k, v in make_inputs(*shape, torch.bfloat16).items()}
     dout = torch.randn_like(t['u'])
     fwd_rows, bwd_rows = [], []
-    for T, bd, warps in itertools.product((8, 16, 32), (4, 8, 16, 32, 64), (2, 4, 8)):
-        if bd * 16 * T > 16384 or bd > channels // groups:
+    for T, bd, warps in itertools.product((2, 4, 8, 16), (8, 16, 32, 64, 128, 256), (1, 2, 4, 8)):
+        per_thread = T * 16 * bd // (32 * warps)  # fp32 elements of one (T, N, BLOCK_D) tile per thread
+        if not 8 <= per_thread <= 64 or bd > channels // groups or bd < 16 * warps:
             continue
-        cfg = ScanConfig(T, bd, warps, bd, warps)
+        cfg = ScanConfig(T, bd, warps, T, bd, warps)
         try:
             ms = timed(lambda: ts._forward(t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'], t['z'],
                                            t['delta_bias'], True, cfg, True), iters)
-            fwd_rows.append((ms, T, bd, warps))
+            k = ts._last_kernels['fwd']
+            fwd_rows.append((ms, T, bd, warps, k.n_regs, k.n_spills))
             _, states = ts._forward(t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'], t['z'], t['delta_bias'],
                                     True, cfg, True)
             ms = timed(lambda: ts._backward(dout, t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'], t['z'],
                                             t['delta_bias'], True, states, cfg), iters)
-            bwd_rows.append((ms, T, bd, warps))
+            k = ts._last_kernels['bwd']
+            bwd_rows.append((ms, T, bd, warps, k.n_regs, k.n_spills))
         except Exception as e:  # out of resources etc.
             print(f'  sweep T={T} bd={bd} warps={warps}: {type(e).__name__}: {str(e)[:100]}')
     fwd_rows.sort()
     bwd_rows.sort()
-    print(f'sweep {shape}: forward (save states) best: ' +
-          ', '.join(f'{ms:.3f} ms T{T} bd{bd} w{w}' for ms, T, bd, w in fwd_rows[:6]))
-    print(f'sweep {shape}: backward best: ' + ', '.join(f'{ms:.3f} ms T{T} bd{bd} w{w}' for ms, T, bd, w in bwd_rows[:6]))
+    for name, rows in (('forward (saving states)', fwd_rows), ('backward', bwd_rows)):
+        print(f'sweep {shape} {name}, best first (ms, T, BLOCK_D, warps, registers, spills):')
+        print('  ' + ', '.join(f'{ms:.3f} T{T} bd{bd} w{w} r{r} s{sp}' for ms, T, bd, w, r, sp in rows[:10]))
     return dict(shape=shape, forward=fwd_rows, backward=bwd_rows)
 
 

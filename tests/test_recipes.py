@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch.nn as nn
+import yaml
 from timm.models import register_model
 
 from timm_arm.recipes import RecipeError, check_recipe, extract_train_args, load_recipe, load_train_args, \
@@ -132,7 +133,6 @@ def test_bad_recipe(bad, message, train_args, tmp_path):
     errors = check_recipe(recipe, train_args)
     assert any(message in e for e in errors), errors
     path = tmp_path / 'bad.yaml'
-    import yaml
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(RecipeError, match='bad.yaml'):
         load_recipe(path, train_args)

@@ -70,13 +70,33 @@ CASES = [
     ((1, 2, 4, 33, 5), {'z'}),  # N not a power of two
     ((1, 2, 2, 197, 16), {'D', 'delta_bias', 'softplus'}),
 ]
-CONFIGS = [None, ScanConfig(T=4, block_d_fwd=2, warps_fwd=1, block_d_bwd=4, warps_bwd=1)]
+CONFIGS = [None, ScanConfig(T=16, block_d_fwd=2, warps_fwd=1, T_bwd=4, block_d_bwd=4, warps_bwd=1),
+           ScanConfig(T=4, block_d_fwd=4, warps_fwd=2, T_bwd=4, block_d_bwd=2, warps_bwd=1)]
+
+
+def check_layouts_and_dtypes(device):
+    """B, C as strided views of one projection (as ARM passes them), bf16 activations, and the no-grad path."""
+    batch, groups, d, seqlen, d_state = 2, 2, 4, 19, 4
+    t = make_inputs(batch, groups, d, seqlen, d_state, device, seed=3)
+    x_dbl = torch.randn(batch, groups, 3 + 2 * d_state, seqlen, device=device)
+    t['B'], t['C'] = x_dbl[:, :, 3:3 + d_state], x_dbl[:, :, 3 + d_state:]
+    t['u'] = torch.randn(batch, seqlen, groups * d, device=device).transpose(1, 2)  # stride(-1) != 1
+    ref = selective_scan_sequential(**t, delta_softplus=True)
+    with torch.no_grad():
+        err = rel_err(selective_scan_triton(**t, delta_softplus=True), ref)
+    half = {k: (v.to(torch.bfloat16) if k in ('u', 'delta', 'B', 'C', 'z') else v) for k, v in t.items()}
+    out16 = selective_scan_triton(**half, delta_softplus=True)
+    ref16 = selective_scan_sequential(**{k: v.float() for k, v in half.items()}, delta_softplus=True)
+    err16 = rel_err(out16, ref16)
+    ok = err < 1e-5 and err16 < 1e-2 and out16.dtype == torch.bfloat16
+    print(f'{"ok  " if ok else "FAIL"} strided views + no grad {err:.2e}, bf16 {err16:.2e}', flush=True)
+    return ok
 
 
 def main():
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     quick = '--quick' in sys.argv
-    ok = True
+    ok = check_layouts_and_dtypes(device)
     for shape, options in CASES:
         for config in CONFIGS[:1] if quick else CONFIGS:
             ok &= check(shape, options, device, config)

@@ -57,14 +57,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     try:
         if args.command == 'convert':
-            from .convert import convert
+            from .export import convert
             convert(args.source, args.out_dir, args.model, args.model_kwargs, entry=args.entry,
                     overwrite=args.overwrite, repo_id=args.repo_id, check=args.verify)
         elif args.command == 'verify':
-            from .convert import verify
+            from .export import verify
             verify(args.out_dir, args.source, entry=args.entry, tolerance=args.tolerance)
         else:
-            from .publish import publish
+            from .upload import publish
             publish(args.out_dir, args.repo_id, revision=args.revision, private=args.private,
                     commit_message=args.commit_message, dry_run=args.dry_run)
     except HubError as e:

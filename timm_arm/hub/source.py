@@ -9,6 +9,7 @@ Pickles are read with torch.load(weights_only=True): tensors, plain containers a
 classes the reference checkpoints need (argparse.Namespace, their training arguments). Nothing else is unpickled.
 """
 import argparse
+import contextlib
 import hashlib
 import os
 import pickle
@@ -84,8 +85,11 @@ def _load_pickle(path: Path) -> Any:
     is_zip = head.startswith(b'PK\x03\x04')
     if is_zip and not zipfile.is_zipfile(path):
         raise HubError(path, 'truncated or corrupt checkpoint (incomplete zip archive)')
+    # torch's safe_globals() context removes its globals on exit even if they were allow-listed before (as
+    # timm_arm's __init__ does for argparse.Namespace): add only what is missing
+    missing = [g for g in SAFE_GLOBALS if g not in torch.serialization.get_safe_globals()]
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(missing) if missing else contextlib.nullcontext():
             return torch.load(path, map_location='cpu', weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         raise HubError(path, _unpickling_problem(e)) from None
@@ -114,8 +118,9 @@ def read_checkpoint(path: Any, entry: Optional[str] = None) -> Tuple[Dict[str, t
     file = _resolve_file(Path(path))
     with open(file, 'rb') as f:
         head = f.read(9)
-    # safetensors: 8-byte little-endian header length, then a JSON header
-    is_safetensors = file.suffix == '.safetensors' or (len(head) == 9 and head[8:9] == b'{')
+    # safetensors: 8-byte little-endian header length (that fits the file), then a JSON header
+    is_safetensors = file.suffix == '.safetensors' or (
+        len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < file.stat().st_size)
     obj = _load_safetensors(file) if is_safetensors else _load_pickle(file)
 
     if not isinstance(obj, dict):

@@ -357,9 +357,10 @@ class ArmMamba(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        # the final norm is left unmatched: it joins the head's group (layer decay scale 1.0), as in the paper
         return dict(
             stem=r'^cls_token|^pos_embed|^patch_embed',
-            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+            blocks=r'^blocks\.(\d+)',
         )
 
     @torch.jit.ignore

@@ -68,10 +68,10 @@ probs = model(transform(image).unsqueeze(0)).softmax(dim=-1)
 top5_prob, top5_class = probs.topk(5)
 ```"""
 
-_USAGE_ENCODER = """These are the weights of the encoder after autoregressive pretraining, before fine-tuning: no class token,
-no classifier, one causal scan direction. timm builds the four-direction classifier from them (the forward direction
-is copied into all four, a zero class position is inserted in the middle of the position embedding, the head starts
-fresh), which is where the paper's fine-tuning starts:
+_USAGE_ENCODER = """These are the weights of the encoder after autoregressive pretraining, before fine-tuning: no
+class token, no classifier, one causal scan direction. timm builds the four-direction classifier from them (the
+forward direction is copied into all four, a zero class position is inserted in the middle of the position
+embedding, the head starts fresh), which is where the paper's fine-tuning starts:
 
 ```python
 import timm
@@ -89,7 +89,8 @@ Fine-tuning recipes for timm's train.py: `recipes/finetune/` in the timm-arm rep
 
 
 def _one_line(e: Exception) -> str:
-    return '; '.join(line.strip() for line in str(e).splitlines() if line.strip())
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return ' '.join(line if line.endswith(':') or i == len(lines) - 1 else line + ';' for i, line in enumerate(lines))
 
 
 def _arm_models() -> Tuple[str, ...]:
@@ -100,26 +101,30 @@ def _paper_row(embed_dim: int, depth: int):
     return next((r for r in PAPER_RESULTS if (r[2], r[3]) == (embed_dim, depth)), None)
 
 
-def _resolve_name(model_name: str, info: CheckpointInfo, tag_given: bool) -> Tuple[str, Dict[str, Any]]:
+def _resolve_name(model_name: str, info: CheckpointInfo, file: Path) -> Tuple[str, Dict[str, Any]]:
     """Registered '<arch>.<tag>' for the checkpoint, and its pretrained cfg."""
     arch, tag = split_model_name_tag(model_name)
     if not is_model(arch) or arch not in _arm_models():
         raise HubError(f'--model {model_name}', f'not an ARM model; choose one of {", ".join(_arm_models())}')
-    if tag_given:
+    if tag:
         if tag.endswith('_ar') != info.is_encoder:
-            want = 'an AR-pretrained encoder (tag *_ar)' if tag.endswith('_ar') else 'a fine-tuned classifier'
-            raise HubError(f'--model {model_name}', f'{model_name} is {want}, but the checkpoint is an '
-                                                    f'{info.summary()}')
+            want = 'an AR-pretrained encoder' if tag.endswith('_ar') else 'a fine-tuned classifier'
+            better = f'{arch}.arm_in1k_ar' if info.is_encoder else f'{arch}.arm_in1k'
+            raise HubError(file, f'the checkpoint is an {info.summary()}, but {model_name} is {want} '
+                                 f'(convert it as {better}, or give no tag)')
         candidates = [f'{arch}.{tag}']
     elif info.is_encoder:
         candidates = [f'{arch}.arm_in1k_ar']
     else:
         candidates = ([f'{arch}.arm_in1k_384'] if info.img_size == (384, 384) else []) + [f'{arch}.arm_in1k']
     for name in candidates:
-        cfg = get_pretrained_cfg(name)
+        try:
+            cfg = get_pretrained_cfg(name)
+        except RuntimeError:  # no such tag for this architecture
+            cfg = None
         if cfg is not None:
             return name, cfg.to_dict()
-    if tag_given:
+    if tag:
         raise HubError(f'--model {model_name}', f'{arch} has no pretrained tag {tag!r}')
     cfg = get_pretrained_cfg(arch)  # architecture default (e.g. arm_mamba_tiny.untrained)
     return f'{arch}.{cfg.tag}' if cfg.tag else arch, cfg.to_dict()
@@ -161,17 +166,20 @@ def _load_strict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], fi
     try:
         converted = checkpoint_filter_fn(state_dict, model)
     except (RuntimeError, ValueError, KeyError) as e:
-        hint = ''
+        if isinstance(e, KeyError):
+            e = RuntimeError(f'missing key {e.args[0]} ({info.layout} layout)')
+        problem = _one_line(e)
         row = _paper_row(info.embed_dim, info.depth)
         if (info.embed_dim, info.depth) != (model.embed_dim, len(model.blocks)):
-            hint = (f' (the checkpoint is embed_dim={info.embed_dim}, depth={info.depth}'
-                    + (f': {row[1]}' if row else '') + ')')
-        raise HubError(file, _one_line(e) + hint) from None
+            problem = (f'a checkpoint of another size: embed_dim={info.embed_dim}, depth={info.depth}'
+                       + (f' ({row[1]})' if row else '') + f', the model embed_dim={model.embed_dim}, '
+                       f'depth={len(model.blocks)}. {problem}')
+        raise HubError(file, problem) from None
     own = {k: v.data_ptr() for k, v in model.state_dict().items()}
     fresh = [k for k, v in converted.items() if v.numel() and own.get(k) == v.data_ptr()]
     if fresh:
-        raise HubError(file, f'missing keys ({len(fresh)}): {", ".join(fresh)} (the model would keep random '
-                             f'values; for an encoder without head pass --model-kwargs num_classes=0)')
+        raise HubError(file, f'missing keys ({len(fresh)}): {", ".join(fresh)} (they would keep random values; '
+                             f'a classifier without head converts with --model-kwargs num_classes=0)')
     try:
         model.load_state_dict(converted, strict=True)
     except RuntimeError as e:
@@ -391,7 +399,7 @@ def convert(
     info = describe_state_dict(state_dict, file)
     log(f'read {file}' + (f" (entry '{taken}')" if taken else '') + f': {info.summary()}')
 
-    model_id, cfg = _resolve_name(model_name, info, tag_given='.' in model_name)
+    model_id, cfg = _resolve_name(model_name, info, file)
     model, kwargs = _build(model_id, cfg, info, model_kwargs or {}, file)
     _load_strict(model, state_dict, file, info)
     if info.is_encoder:  # config.json describes the shape only, so timm builds the classifier from it
