@@ -13,6 +13,7 @@ import torch
 import timm
 
 import timm_arm  # noqa: F401
+from _timing import cuda_median_ms
 from timm_arm import ops
 
 TOL = {'fp32': 1e-4, 'bf16': 1e-2}
@@ -24,20 +25,6 @@ def rel_err(a, b):
 
 def norm_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
-def timed(fn, iters=10, warmup=3):
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def check_scan(rows, batch, directions, d, seqlen, dtype):
@@ -107,7 +94,7 @@ def check_model(rows, name, batch, amp):
             model(x).float().mean().backward()
     for backend in ('cuda', 'torch'):
         ops.set_backend(backend)
-        rows.append(dict(check=f'{tag} train step ms [{backend}]', ms=timed(step, iters=5, warmup=2)))
+        rows.append(dict(check=f'{tag} train step ms [{backend}]', ms=cuda_median_ms(step, iters=5, warmup=2)))
     ops.set_backend(None)
 
 

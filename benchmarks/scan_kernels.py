@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from _timing import cuda_median_ms
 from timm_arm import ops
 from timm_arm.ops.triton_scan import ScanConfig, scan_config, selective_scan_triton
 
@@ -49,20 +50,6 @@ def scan_fn(backend, config=None):
     return lambda **t: ops.selective_scan(**t, delta_softplus=True, backend=backend)
 
 
-def timed(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def run_grads(fn, t, grad):
     out = fn(**t)
     return out, torch.autograd.grad(out, list(t.values()), grad)
@@ -72,7 +59,7 @@ def time_backend(fn, t, grad, iters):
     def fwd():
         with torch.no_grad():
             fn(**t)
-    return timed(fwd, iters), timed(lambda: run_grads(fn, t, grad), iters)
+    return cuda_median_ms(fwd, iters), cuda_median_ms(lambda: run_grads(fn, t, grad), iters)
 
 
 def memory_floor_ms(batch, groups, channels, seqlen, d_state, itemsize=2):
@@ -94,13 +81,13 @@ def sweep(shape, iters):
             continue
         cfg = ScanConfig(T, bd, warps, T, bd, warps)
         try:
-            ms = timed(lambda: ts._forward(t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'], t['z'],
+            ms = cuda_median_ms(lambda: ts._forward(t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'], t['z'],
                                            t['delta_bias'], True, cfg, True), iters)
             k = ts._last_kernels['fwd']
             fwd_rows.append((ms, T, bd, warps, k.n_regs, k.n_spills))
             _, states = ts._forward(t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'], t['z'], t['delta_bias'],
                                     True, cfg, True)
-            ms = timed(lambda: ts._backward(dout, t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'], t['z'],
+            ms = cuda_median_ms(lambda: ts._backward(dout, t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'], t['z'],
                                             t['delta_bias'], True, states, cfg), iters)
             k = ts._last_kernels['bwd']
             bwd_rows.append((ms, T, bd, warps, k.n_regs, k.n_spills))

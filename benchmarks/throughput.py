@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import timm
 
 import timm_arm  # noqa: F401
+from _timing import cuda_median_ms
 from timm_arm.ops import causal_conv1d_silu, selective_scan
 
 PAIRS = {
@@ -56,28 +57,13 @@ def naive(model):
     return model
 
 
-def cuda_time(fn, iters, warmup):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2] / 1000
-
-
 def measure(name, model, infer_batch, train_batch, iters, warmup):
     model = model.cuda()
     row = dict(model=name, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1))
     model.eval()
     x = torch.randn(infer_batch, 3, 224, 224, device='cuda')
     with torch.inference_mode(), torch.autocast('cuda', torch.bfloat16):
-        row['infer_img_s'] = infer_batch / cuda_time(lambda: model(x), iters, warmup)
+        row['infer_img_s'] = infer_batch / (cuda_median_ms(lambda: model(x), iters, warmup) / 1000)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(train_batch, 3, 224, 224, device='cuda')
@@ -91,7 +77,7 @@ def measure(name, model, infer_batch, train_batch, iters, warmup):
         opt.zero_grad(set_to_none=True)
     step()
     torch.cuda.reset_peak_memory_stats()
-    row['train_img_s'] = train_batch / cuda_time(step, iters, warmup)
+    row['train_img_s'] = train_batch / (cuda_median_ms(step, iters, warmup) / 1000)
     row['train_peak_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
     row['train_batch'], row['infer_batch'] = train_batch, infer_batch
     del opt, model
@@ -106,8 +92,11 @@ def main():
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--no-naive', action='store_true')
+    parser.add_argument('--backend', default='', help='timm_arm scan backend for the ARM models (default: auto)')
     parser.add_argument('--json', default='')
     args = parser.parse_args()
+    if args.backend:
+        timm_arm.set_backend(args.backend)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     rows, ratios = [], []

@@ -115,6 +115,8 @@ def test_backend_selection(monkeypatch):
     monkeypatch.delenv('TIMM_ARM_BACKEND')
     with pytest.raises(RuntimeError, match='needs CUDA tensors'):
         ops.resolve_backend(x, 'cuda')
+    with pytest.raises(RuntimeError, match='"triton" needs CUDA tensors'):
+        ops.resolve_backend(x, 'triton', op='scan')
     ops.set_backend('torch')
     try:
         assert ops.get_backend() == 'torch'

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, GluMlp, PatchEmbed, build_sincos2d_pos_embed, \
-    resample_abs_pos_embed, trunc_normal_
+    register_notrace_function, register_notrace_module, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -106,6 +106,30 @@ def resample_pos_embed(
     return pos_embed
 
 
+@register_notrace_function
+def insert_class_token(x: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) patch tokens -> (B, N + 1, C) with the class token in the middle, at index N // 2."""
+    mid = x.shape[1] // 2
+    return torch.cat([x[:, :mid], cls_token.expand(x.shape[0], -1, -1), x[:, mid:]], dim=1)
+
+
+@register_notrace_function
+def tokens_to_grid(x: torch.Tensor, height: int, width: int, has_cls: bool) -> torch.Tensor:
+    """(B, L, C) token sequence -> (B, H, W, C) patch grid, the middle class token (if any) dropped."""
+    if has_cls:
+        mid = height * width // 2
+        x = torch.cat([x[:, :mid], x[:, mid + 1:]], dim=1)
+    return x.reshape(x.shape[0], height, width, x.shape[-1])
+
+
+@register_notrace_function
+def orders_for(x: torch.Tensor, height: int, width: int, num_directions: int, has_cls: bool):
+    """scan_orders() for an (H, W) patch grid, on x's device."""
+    cls_index = height * width // 2 if has_cls else None
+    return scan_orders((int(height), int(width)), num_directions, cls_index, x.device)
+
+
+@register_notrace_module
 class MultiDirectionMamba(nn.Module):
     """Mamba-1 mixer over K scan directions sharing in_proj / out_proj.
 
@@ -301,7 +325,7 @@ class ArmMamba(nn.Module):
         self.pos_embed_type = pos_embed
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
         self.blocks = nn.Sequential(*[
             ArmBlock(
                 embed_dim,
@@ -391,35 +415,26 @@ class ArmMamba(nn.Module):
                     new = resample_pos_embed(self.pos_embed, new_grid, old_grid)
             self.pos_embed = nn.Parameter(new, requires_grad=requires_grad)
 
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
         """Images -> token sequence (class token in the middle) with position embedding; also the patch grid."""
         x = self.patch_embed(x)
         B, H, W, C = x.shape
         pos_embed = self.pos_embed
-        if self.dynamic_img_size and (H, W) != tuple(self.patch_embed.grid_size):
-            if self.pos_embed_type == 'sincos':
-                pos_embed = self._sincos_pos_embed((H, W))
-            else:
-                pos_embed = resample_pos_embed(pos_embed, (H, W), self.patch_embed.grid_size)
+        if self.dynamic_img_size:
+            pos_embed = self._dynamic_pos_embed(H, W)
         x = x.reshape(B, H * W, C)
         if self.cls_token is not None:
-            mid = H * W // 2
-            x = torch.cat([x[:, :mid], self.cls_token.expand(B, -1, -1), x[:, mid:]], dim=1)
+            x = insert_class_token(x, self.cls_token)
         x = self.pos_drop(x + pos_embed)
-        return x, (H, W)
+        return x, H, W
 
-    def _order(self, grid: Tuple[int, int], device: torch.device):
-        cls_index = grid[0] * grid[1] // 2 if self.cls_token is not None else None
-        return scan_orders(tuple(grid), self.num_directions, cls_index, device)
-
-    def _split_tokens(self, x: torch.Tensor, grid: Tuple[int, int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Token sequence -> (NHWC patch grid, class token or None)."""
-        B, _, C = x.shape
-        if self.cls_token is None:
-            return x.reshape(B, grid[0], grid[1], C), None
-        mid = grid[0] * grid[1] // 2
-        patches = torch.cat([x[:, :mid], x[:, mid + 1:]], dim=1)
-        return patches.reshape(B, grid[0], grid[1], C), x[:, mid]
+    @torch.jit.ignore
+    def _dynamic_pos_embed(self, height: int, width: int) -> torch.Tensor:
+        if (height, width) == tuple(self.patch_embed.grid_size):
+            return self.pos_embed
+        if self.pos_embed_type == 'sincos':
+            return self._sincos_pos_embed((height, width))
+        return resample_pos_embed(self.pos_embed, (height, width), self.patch_embed.grid_size)
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, order) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -427,12 +442,11 @@ class ArmMamba(nn.Module):
         return block(x, order)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, grid = self._embed(x)
-        order = self._order(grid, x.device)
+        x, H, W = self._embed(x)
+        order = orders_for(x, H, W, self.num_directions, self.cls_token is not None)
         for block in self.blocks:
             x = self._run_block(block, x, order)
-        x, _ = self._split_tokens(x, grid)
-        return self.norm(x)
+        return self.norm(tokens_to_grid(x, H, W, self.cls_token is not None))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
@@ -463,14 +477,16 @@ class ArmMamba(nn.Module):
         if output_fmt not in ('NCHW', 'NHWC', 'NLC'):
             raise ValueError(f'output_fmt must be NCHW, NHWC or NLC, got {output_fmt!r}')
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, grid = self._embed(x)
-        order = self._order(grid, x.device)
+        x, H, W = self._embed(x)
+        has_cls = self.cls_token is not None
+        order = orders_for(x, H, W, self.num_directions, has_cls)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates = []
         for i, block in enumerate(blocks):
             x = self._run_block(block, x, order)
             if i in take_indices:
-                feat, cls = self._split_tokens(x, grid)
+                feat = tokens_to_grid(x, H, W, has_cls)
+                cls = x[:, H * W // 2] if has_cls else None
                 feat = self.norm(feat) if norm else feat
                 if output_fmt == 'NCHW':
                     feat = feat.permute(0, 3, 1, 2).contiguous()
@@ -479,8 +495,7 @@ class ArmMamba(nn.Module):
                 intermediates.append((feat, cls) if return_prefix_tokens and cls is not None else feat)
         if intermediates_only:
             return intermediates
-        x, _ = self._split_tokens(x, grid)
-        return self.norm(x), intermediates
+        return self.norm(tokens_to_grid(x, H, W, has_cls)), intermediates
 
     def prune_intermediate_layers(
             self,

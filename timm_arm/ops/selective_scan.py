@@ -105,16 +105,18 @@ def selective_scan_torch(
     C_t = _time_major(C.float().flatten(1, 2), num_chunks, T).reshape(lead + (groups, d_state)).transpose(-1, -2)
     A_t = A.float().view(groups, dim // groups, d_state).permute(2, 0, 1)  # (N, G, d_g)
 
-    # 1) scan inside every chunk from a zero state, all chunks at once, tracking the decay since the chunk
-    #    start. unbind, not indexing: its backward is one stack, not a zero-filled full tensor per step
+    # 1) scan inside every chunk from a zero state, all chunks at once, reading out <h, C> as we go and tracking
+    #    the decay since the chunk start. unbind, not indexing: its backward is one stack, not a zero-filled full
+    #    tensor per step; no (b, D, L, N) tensor is ever stacked.
     decay = (delta_t * A_t).exp().unbind(0)
     steps = (delta_u * B_t.unsqueeze(-1)).unbind(0)
+    C_steps = C_t.unsqueeze(-1).unbind(0)
     state, decay_since_start = steps[0], decay[0]
-    local, decays = [state], [decay_since_start]
+    y_local, decays = [(state * C_steps[0]).sum(2)], [decay_since_start]
     for t in range(1, T):
         state = decay[t] * state + steps[t]
         decay_since_start = decay[t] * decay_since_start
-        local.append(state)
+        y_local.append((state * C_steps[t]).sum(2))
         decays.append(decay_since_start)
 
     # 2) carry the chunk-end states across chunks
@@ -124,10 +126,10 @@ def selective_scan_torch(
     for c in range(num_chunks):
         carries.append(carry)
         carry = chunk_decay[c] * carry + chunk_end[c]
+    carries = torch.stack(carries)  # state entering each chunk: (chunks, b, N, G, d_g)
 
-    # 3) every position adds the carried state decayed to it, then reads out y = <h, C>
-    states = torch.stack(local) + torch.stack(decays) * torch.stack(carries)
-    y = (states * C_t.unsqueeze(-1)).sum(3)  # (T, chunks, b, G, d_g)
+    # 3) every position adds the carried state decayed to it: y_t += <decay_t * carry, C_t>
+    y = torch.stack([y_local[t] + (decays[t] * carries * C_steps[t]).sum(2) for t in range(T)])  # (T, chunks, b, G, d_g)
     y = y.reshape(T, num_chunks * batch * dim).t().reshape(num_chunks, batch, dim, T)
     y = y.permute(1, 2, 0, 3).reshape(batch, dim, num_chunks * T)[..., :seqlen]
     return _finish_direct(y, u, D, z)

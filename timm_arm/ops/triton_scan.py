@@ -5,13 +5,14 @@ Same semantics and shapes as ``selective_scan_torch`` (see ``timm_arm.ops.select
     delta = softplus(delta + delta_bias);  h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t
     y_t = <h_t, C_t> + D u_t;  out_t = y_t * silu(z_t)
 
-mamba-ssm's kernel walks the sequence one step at a time in chunks of 2048 steps, which leaves most of the
-GPU idle at L ~ 200. Here one program owns a (BLOCK_D channels x N states) slice of one image and walks
-the sequence in chunks of T steps: it loads (BLOCK_D, T) tiles coalesced along L, builds the (BLOCK_D, N, T)
-decays and inputs in registers, and runs a log-depth associative scan along T, the chunk's first step taking
-the carried state. The state is fp32 throughout; inputs may be bf16 or fp32.
+mamba-ssm's kernel is built for chunks of 2048 steps and is ~20x above its memory floor at L ~ 200. Here one
+program owns BLOCK_D channels x N states of one image and walks the sequence in chunks of T steps: it loads
+(T, BLOCK_D) tiles, builds the (T, N, BLOCK_D) decays and inputs, and runs tl.associative_scan along T, the
+chunk's first step taking the carried state. Channels are the fastest tile axis, so Triton's default layout
+puts channels across lanes and keeps T x N in each thread's registers: the scan and the sums over N run
+in-thread, with no shuffles. The state is fp32 throughout; inputs may be bf16 or fp32.
 
-The forward saves the state at every chunk start, (b, Dc, L/T, N) fp32. The backward walks the chunks in
+The forward saves the state every T_bwd steps, (b, Dc, L/T_bwd, N) fp32. The backward walks chunks in
 reverse, recomputes the chunk's states from its saved start, and runs the adjoint
     lam_t = C_t g_t + a_{t+1} lam_{t+1}        (g = dout * silu(z), a_t = exp(delta_t A))
 as a reverse associative scan (a_{t+1} comes from a second, shifted load of delta). With b_t = delta_t B_t u_t,
@@ -28,7 +29,6 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -39,9 +39,6 @@ except ImportError:  # pragma: no cover - the package works without triton, this
     has_triton = False
 
 __all__ = ['selective_scan_triton', 'has_triton', 'ScanConfig', 'scan_config']
-
-_LOG2E = 1.4426950408889634
-
 
 class ScanConfig(NamedTuple):
     T: int  # forward: time steps per chunk (power of two)
