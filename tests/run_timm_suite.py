@@ -27,6 +27,14 @@ EXCLUDED = {
     # yet; tests/test_hub.py proves pretrained=True offline through a Hub cache laid out as a download would.
     'test_model_load_pretrained': 'needs network access to the Hugging Face Hub',
 }
+# (test, model) pairs left out. test_prune_intermediate_layers_contract prunes at every block and re-runs the model
+# (forward, stop-early forward, pruned forwards, a training step) at the fixed 224 px input: O(depth^2) passes on
+# the pure-PyTorch CPU scan. Measured on a 2-core CI-size machine: arm_mamba_base 298 s of the test's own 360 s
+# timeout, arm_mamba_large over it. arm_mamba_tiny runs it: the three share one class and every code path.
+EXCLUDED_PAIRS = {
+    ('test_prune_intermediate_layers_contract', 'arm_mamba_base'): '298 s of a 360 s timeout on 2 CPU cores',
+    ('test_prune_intermediate_layers_contract', 'arm_mamba_large'): 'over the 360 s timeout on 2 CPU cores',
+}
 
 
 def fetch_suite() -> Path:
@@ -55,7 +63,8 @@ def main() -> int:
     # '*huge*' models (memory and time limits on 2-core machines) and the Hub download test. arm_mamba_huge has the
     # same code as large and base; tests/test_model.py checks its structure (parameter count) on the meta device.
     env = dict(os.environ, GITHUB_ACTIONS=os.environ.get('GITHUB_ACTIONS', 'true'))
-    deselect = ' and '.join(f'not {name}' for name in EXCLUDED)
+    deselect = ' and '.join([f'not {name}' for name in EXCLUDED] +
+                            [f'not ({test} and {model})' for test, model in EXCLUDED_PAIRS])
     args = [sys.executable, '-m', 'pytest', str(suite), '-p', 'timm_arm', '-k', f'arm_mamba and {deselect}',
             '-p', 'no:cacheprovider', '-p', 'no:unraisableexception', '-q', *sys.argv[1:]]
     print('running:', ' '.join(args), flush=True)

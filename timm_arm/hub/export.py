@@ -45,7 +45,7 @@ PAPER_RESULTS = (
 )
 _PAPER_NOTE = 'A supervised Mamba-B of the same shape as ARM-B reaches 81.2.'
 
-TEMPLATE = Path(__file__).resolve().parents[2] / 'hub' / 'MODEL_CARD.md'
+TEMPLATE = Path(__file__).resolve().parent / 'MODEL_CARD.md'  # also at hub/MODEL_CARD.md in the repository
 
 _CITATION = """@inproceedings{ren2025autoregressive,
   title     = {Autoregressive Pretraining with Mamba in Vision},
@@ -274,7 +274,7 @@ def model_card(
         entry: str,
         template: Path = TEMPLATE,
 ) -> str:
-    """README.md for the folder: hub/MODEL_CARD.md filled in with str.format."""
+    """README.md for the folder: the model card template (hub/MODEL_CARD.md) filled in with str.format."""
     try:
         text = Path(template).read_text(encoding='utf-8')
     except OSError as e:

@@ -301,6 +301,7 @@ class ArmMamba(nn.Module):
             raise ValueError(f'pos_embed must be "learn" or "sincos", got {pos_embed!r}')
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.in_chans = in_chans
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_directions = num_directions
         self.num_prefix_tokens = 1 if class_token else 0
@@ -396,10 +397,11 @@ class ArmMamba(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        anchor = self.patch_embed.proj.weight  # the new head follows the model's device and dtype
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, device=anchor.device, dtype=anchor.dtype)
 
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
         """Change the default image size, resampling the position embedding (class position stays centred)."""
