@@ -1,6 +1,6 @@
 """ timm-arm-pretrain: ARM autoregressive pretraining (also `python -m timm_arm.pretrain`).
 
-Single process:   timm-arm-pretrain --config recipes/pretrain/cifar10_tiny.yaml --data-dir DIR --output OUT
+Single process:   timm-arm-pretrain --config recipes/pretrain/arm_mamba_tiny_cifar10.yaml --data-dir DIR --output OUT
 Multi-GPU / node: torchrun --nproc-per-node 8 [--nnodes N --rdzv-endpoint HOST:PORT] -m timm_arm.pretrain ...
 Export encoder:   timm-arm-pretrain --output OUT --export OUT/export   (latest checkpoint in OUT, or --resume FILE)
 
