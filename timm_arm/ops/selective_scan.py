@@ -21,40 +21,25 @@ import torch.nn.functional as F
 __all__ = ['selective_scan_torch', 'selective_scan_sequential', 'selective_scan_cuda_fn']
 
 
-def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, pad=0):
-    """Discretise in fp32: per-step log-decay and input term, both (b, G, d_g, L + pad, N).
-
-    Padded steps get delta = 0 (decay 1, input 0): appended after the sequence end they change nothing before
-    it, and padding the (b, D, L) inputs is much cheaper than padding the (b, D, L, N) products.
-    """
-    batch, dim, seqlen = u.shape
-    groups = B.shape[1]
+def _check_groups(dim: int, groups: int) -> None:
     if dim % groups:
         raise ValueError(f'selective_scan: {dim} channels cannot be split into {groups} groups of B/C')
+
+
+def _discretised_delta(delta: torch.Tensor, delta_bias: Optional[torch.Tensor], delta_softplus: bool) -> torch.Tensor:
     delta = delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    delta_u = delta * u.float()
-    B = B.float()
-    if pad:
-        delta, delta_u, B = F.pad(delta, (0, pad)), F.pad(delta_u, (0, pad)), F.pad(B, (0, pad))
-    shape = (batch, groups, dim // groups, seqlen + pad, 1)
-    log_decay = delta.view(shape) * A.float().view(1, groups, dim // groups, 1, -1)
-    inputs = delta_u.view(shape) * B.transpose(-1, -2).unsqueeze(2)
-    return log_decay, inputs
+    return F.softplus(delta) if delta_softplus else delta
 
 
-def _finish(states, u, C, D, z, out_dtype):
-    """y_t = <h_t, C_t> (+ D u_t) (* silu(z_t)), back to (b, K*d, L)."""
-    batch, dim, seqlen = u.shape
-    y = (states * C.float().transpose(-1, -2).unsqueeze(2)).sum(-1).reshape(batch, dim, seqlen)
+def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor]):
+    """y + D * u, gated by silu(z), in u's dtype."""
     if D is not None:
         y = y + D.float()[:, None] * u.float()
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(out_dtype)
+    return y.to(u.dtype)
 
 
 def _time_major(x: torch.Tensor, num_chunks: int, chunk_size: int) -> torch.Tensor:
@@ -87,16 +72,10 @@ def selective_scan_torch(
     """
     batch, dim, seqlen = u.shape
     groups, d_state = B.shape[1], A.shape[1]
-    if dim % groups:
-        raise ValueError(f'selective_scan: {dim} channels cannot be split into {groups} groups of B/C')
+    _check_groups(dim, groups)
     T = chunk_size or max(1, int(round(seqlen ** 0.5)))
     num_chunks = -(-seqlen // T)
-
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    delta = _discretised_delta(delta, delta_bias, delta_softplus)
     # padded steps get delta = 0 (decay 1, input 0): after the sequence end they change nothing before it
     lead = (T, num_chunks, batch)
     delta_t = _time_major(delta, num_chunks, T).reshape(lead + (1, groups, dim // groups))
@@ -132,15 +111,7 @@ def selective_scan_torch(
     y = torch.stack([y_local[t] + (decays[t] * carries * C_steps[t]).sum(2) for t in range(T)])  # (T, chunks, b, G, d_g)
     y = y.reshape(T, num_chunks * batch * dim).t().reshape(num_chunks, batch, dim, T)
     y = y.permute(1, 2, 0, 3).reshape(batch, dim, num_chunks * T)[..., :seqlen]
-    return _finish_direct(y, u, D, z)
-
-
-def _finish_direct(y, u, D, z):
-    if D is not None:
-        y = y + D.float()[:, None] * u.float()
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(u.dtype)
+    return _skip_and_gate(y, u, D, z)
 
 
 def selective_scan_sequential(
@@ -155,14 +126,20 @@ def selective_scan_sequential(
         delta_softplus: bool = False,
 ) -> torch.Tensor:
     """The plain one-step-at-a-time recurrence: the reference the fast paths are tested against."""
-    log_decay, inputs = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    decay = log_decay.exp()
+    batch, dim, seqlen = u.shape
+    groups = B.shape[1]
+    _check_groups(dim, groups)
+    shape = (batch, groups, dim // groups, seqlen, 1)  # channels split into their B/C groups; N last
+    delta = _discretised_delta(delta, delta_bias, delta_softplus).view(shape)
+    decay = torch.exp(delta * A.float().view(1, groups, dim // groups, 1, -1))
+    inputs = delta * u.float().view(shape) * B.float().transpose(-1, -2).unsqueeze(2)
+    C = C.float().transpose(-1, -2).unsqueeze(2)
     state = torch.zeros_like(inputs[..., 0, :])
-    states = []
-    for t in range(u.shape[-1]):
+    ys = []
+    for t in range(seqlen):
         state = decay[..., t, :] * state + inputs[..., t, :]
-        states.append(state)
-    return _finish(torch.stack(states, dim=-2), u, C, D, z, u.dtype)
+        ys.append((state * C[..., t, :]).sum(-1))
+    return _skip_and_gate(torch.stack(ys, dim=-1).reshape(batch, dim, seqlen), u, D, z)
 
 
 class _SelectiveScanCuda(torch.autograd.Function):
