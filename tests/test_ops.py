@@ -125,6 +125,34 @@ def test_backend_selection(monkeypatch):
     assert ops.get_backend() == 'auto'
 
 
+@pytest.mark.parametrize('name, on_gpu, op, has_ext, has_triton, expected', [
+    ('auto', False, 'scan', True, True, 'torch'),     # CPU, meta: always PyTorch
+    ('auto', True, 'scan', True, True, 'cuda'),       # mamba-ssm installed: its kernel
+    ('auto', True, 'conv', True, True, 'cuda'),
+    ('auto', True, 'scan', False, True, 'triton'),    # no mamba-ssm: our Triton scan
+    ('auto', True, 'scan', False, False, 'torch'),    # neither: PyTorch
+    ('auto', True, 'conv', False, True, 'torch'),     # no causal-conv1d: PyTorch conv
+    ('triton', True, 'scan', True, True, 'triton'),
+    ('triton', True, 'conv', True, True, 'cuda'),     # 'triton' only changes the scan
+    ('triton', True, 'conv', False, True, 'torch'),
+    ('cuda', True, 'scan', True, False, 'cuda'),
+    ('torch', True, 'scan', True, True, 'torch'),
+])
+def test_backend_choice_table(name, on_gpu, op, has_ext, has_triton, expected):
+    assert ops.choose_backend(name, on_gpu, op, has_ext, has_triton) == expected
+
+
+@pytest.mark.parametrize('name, on_gpu, has_ext, has_triton, message', [
+    ('cuda', False, True, True, '"cuda" needs CUDA tensors'),
+    ('triton', False, True, True, '"triton" needs CUDA tensors'),
+    ('cuda', True, False, True, 'needs mamba-ssm and causal-conv1d'),
+    ('triton', True, True, False, 'needs triton installed'),
+])
+def test_backend_choice_errors(name, on_gpu, has_ext, has_triton, message):
+    with pytest.raises(RuntimeError, match=message):
+        ops.choose_backend(name, on_gpu, 'scan', has_ext, has_triton)
+
+
 def test_dispatch_runs_torch_path_on_cpu():
     t = _inputs(1, 2, 3, 9, 4)
     out = selective_scan(**t, delta_softplus=True)

@@ -1,13 +1,15 @@
-""" The one place that chooses between the CUDA kernels and the plain-PyTorch path.
+""" The one place that chooses between the CUDA kernels, our Triton scan and the plain-PyTorch path.
 
 Backend, in order of precedence: the ``backend`` argument, ``set_backend()``, the ``TIMM_ARM_BACKEND``
 environment variable, then ``'auto'``:
-    'auto':  mamba-ssm / causal-conv1d kernels for CUDA tensors when they are installed, PyTorch otherwise
-    'cuda':  the kernels, an error if they are missing or the tensors are not on a GPU
-    'torch': plain PyTorch everywhere
+    'auto':   for CUDA tensors mamba-ssm's scan / causal-conv1d's conv when installed; without mamba-ssm our
+              Triton scan (far faster and leaner than PyTorch on a GPU), without causal-conv1d PyTorch's conv
+              (both warn once); plain PyTorch for any other device
+    'cuda':   the mamba-ssm / causal-conv1d kernels, an error if they are missing or the tensors are not on a GPU
     'triton': our Triton selective scan for CUDA tensors (tuned for vision lengths; the conv still takes the
-             causal-conv1d kernel when installed). Opt-in: 1.3x faster fwd+bwd than mamba-ssm's scan at L = 197 on
-             an H200, but it keeps (b, D, L/4, N) fp32 states for the backward (benchmarks/RESULTS.md).
+              causal-conv1d kernel when installed). 1.3x faster fwd+bwd than mamba-ssm's scan at L = 197 on an
+              H200, but it keeps (b, D, L/4, N) fp32 states for the backward (benchmarks/RESULTS.md)
+    'torch':  plain PyTorch everywhere
 """
 import functools
 import importlib.util
@@ -21,16 +23,24 @@ import torch.utils.checkpoint
 from .causal_conv1d import causal_conv1d_silu_cuda, causal_conv1d_silu_torch
 from .selective_scan import selective_scan_cuda_fn, selective_scan_torch
 
-__all__ = ['selective_scan', 'causal_conv1d_silu', 'set_backend', 'get_backend', 'resolve_backend', 'has_cuda_kernels']
+__all__ = ['selective_scan', 'causal_conv1d_silu', 'set_backend', 'get_backend', 'resolve_backend', 'choose_backend',
+           'has_cuda_kernels']
 
 _BACKENDS = ('auto', 'cuda', 'torch', 'triton')
 _backend_override: Optional[str] = None
 
 
+_EXTENSIONS = {'scan': 'selective_scan_cuda', 'conv': 'causal_conv1d_cuda'}  # mamba-ssm, causal-conv1d
+
+
 @functools.lru_cache(maxsize=None)
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def has_cuda_kernels() -> bool:
     """True when mamba-ssm's and causal-conv1d's compiled extensions can be imported."""
-    return all(importlib.util.find_spec(m) is not None for m in ('selective_scan_cuda', 'causal_conv1d_cuda'))
+    return all(_importable(m) for m in _EXTENSIONS.values())
 
 
 def _check(name: str) -> str:
@@ -49,37 +59,44 @@ def get_backend() -> str:
     return _backend_override or _check(os.environ.get('TIMM_ARM_BACKEND', 'auto').lower())
 
 
+def choose_backend(name: str, on_gpu: bool, op: str, has_extension: bool, has_triton: bool) -> str:
+    """The implementation of ``op`` ('scan' or 'conv') for backend ``name``: 'cuda', 'triton' or 'torch'."""
+    if name == 'torch' or (name == 'auto' and not on_gpu):
+        return 'torch'
+    if not on_gpu:
+        raise RuntimeError(f'timm_arm: backend "{name}" needs CUDA tensors')
+    if name == 'cuda':
+        if not has_extension:
+            raise RuntimeError('timm_arm: backend "cuda" needs mamba-ssm and causal-conv1d (pip install timm-arm[cuda])')
+        return 'cuda'
+    if name == 'triton' and op == 'scan':
+        if not has_triton:
+            raise RuntimeError('timm_arm: backend "triton" needs triton installed')
+        return 'triton'
+    # 'auto' on a GPU, and the conv under 'triton'
+    if has_extension:
+        return 'cuda'
+    return 'triton' if op == 'scan' and has_triton else 'torch'
+
+
 @functools.lru_cache(maxsize=None)
-def _warn_slow_path():
+def _warn_missing_kernel(op: str, which: str) -> None:
+    package = 'mamba-ssm' if op == 'scan' else 'causal-conv1d'
     warnings.warn(
-        'timm_arm: CUDA tensors but mamba-ssm / causal-conv1d kernels are not installed; using the slow '
-        'pure-PyTorch scan. Install them with `pip install timm-arm[cuda]`.', RuntimeWarning, stacklevel=3)
+        f'timm_arm: CUDA tensors but {package} is not installed; the {op} runs on the {which} path '
+        f'({"slow" if which == "torch" else "fast"}). `pip install timm-arm[cuda]` installs the CUDA kernels.',
+        RuntimeWarning, stacklevel=4)
 
 
 def resolve_backend(x: torch.Tensor, backend: Optional[str] = None, op: str = 'conv') -> str:
-    """Which implementation of ``op`` ('scan' or 'conv') runs for a tensor on x's device: 'cuda', 'triton' or
-    'torch'."""
+    """Which implementation of ``op`` ('scan' or 'conv') runs for x: 'cuda', 'triton' or 'torch'."""
     name = _check(backend) if backend is not None else get_backend()
     on_gpu = x.device.type == 'cuda'
-    if name == 'triton':
-        if not on_gpu:
-            raise RuntimeError(f'timm_arm: backend "triton" needs CUDA tensors, got {x.device}')
-        if op == 'scan':
-            if importlib.util.find_spec('triton') is None:
-                raise RuntimeError('timm_arm: backend "triton" needs triton installed')
-            return 'triton'
-        name = 'auto'
-    if name == 'torch':
-        return 'torch'
-    if name == 'cuda':
-        if not on_gpu:
-            raise RuntimeError(f'timm_arm: backend "cuda" needs CUDA tensors, got {x.device}')
-        if not has_cuda_kernels():
-            raise RuntimeError('timm_arm: backend "cuda" needs mamba-ssm and causal-conv1d (pip install timm-arm[cuda])')
-        return 'cuda'
-    if on_gpu and not has_cuda_kernels():
-        _warn_slow_path()
-    return 'cuda' if on_gpu and has_cuda_kernels() else 'torch'
+    has_extension = _importable(_EXTENSIONS[op])
+    which = choose_backend(name, on_gpu, op, has_extension, _importable('triton'))
+    if on_gpu and name == 'auto' and not has_extension:
+        _warn_missing_kernel(op, which)
+    return which
 
 
 def selective_scan(
