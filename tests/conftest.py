@@ -1,5 +1,6 @@
 import os
 import sys
+import zlib
 
 import pytest
 import torch
@@ -11,5 +12,7 @@ import timm_arm  # noqa: F401  registers the models
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # a fresh, test-specific seed: random inputs differ between tests but each test is reproducible
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2 ** 31))
+    # a test-specific seed: random inputs differ between tests, and each test sees the same ones in every run
+    # (str hash() is salted per process, crc32 is not)
+    # TIMM_ARM_TEST_SEED shifts every seed, to run the numerical checks on other random draws
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get('TIMM_ARM_TEST_SEED', 0)))

@@ -10,7 +10,7 @@ def _inputs(batch, directions, d, seqlen, d_state, dtype=torch.float32, requires
     dim = directions * d
     tensors = dict(
         u=torch.randn(batch, dim, seqlen),
-        delta=torch.randn(batch, dim, seqlen) * 0.5,
+        delta=torch.rand(batch, dim, seqlen) * 0.5,  # a step size: >= 0 also without softplus, so decays <= 1
         A=-torch.rand(dim, d_state) * 4 - 0.1,
         B=torch.randn(batch, directions, d_state, seqlen),
         C=torch.randn(batch, directions, d_state, seqlen),
