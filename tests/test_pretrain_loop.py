@@ -197,8 +197,8 @@ def test_ddp_two_processes_match_one(tmp_path):
     script = os.path.join(REPO, 'benchmarks', 'pretrain_ddp_check.py')
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
     for n in (1, 2):
-        subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', str(n), '--master-port',
-                        str(29400 + n), script, '--device', 'cpu', '--steps', '3', '--batch-size', '8',
+        subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', str(n),
+                        script, '--device', 'cpu', '--steps', '3', '--batch-size', '8',
                         '--img-size', '32', '--workdir', str(tmp_path), '--json', str(tmp_path / f'{n}.json')],
                        env=env, check=True, capture_output=True)
     a, b = (json.load(open(tmp_path / f'{n}.json'))['losses'] for n in (1, 2))
