@@ -32,7 +32,8 @@ def check_scan(rows, batch, directions, d, seqlen, dtype):
     g = torch.Generator(device='cuda').manual_seed(seqlen * 131 + batch)
     mk = lambda *s, scale=1.: (torch.randn(*s, device='cuda', generator=g) * scale)
     t = dict(u=mk(batch, dim, seqlen).to(dtype), delta=mk(batch, dim, seqlen, scale=.5).to(dtype),
-             A=-(torch.rand(dim, 16, device='cuda', generator=g) * 4 + .1), B=mk(batch, directions, 16, seqlen).to(dtype),
+             A=-(torch.rand(dim, 16, device='cuda', generator=g) * 4 + .1),
+             B=mk(batch, directions, 16, seqlen).to(dtype),
              C=mk(batch, directions, 16, seqlen).to(dtype), D=mk(dim), z=mk(batch, dim, seqlen).to(dtype),
              delta_bias=mk(dim, scale=.5))
     t = {k: v.requires_grad_() for k, v in t.items()}

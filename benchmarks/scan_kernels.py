@@ -153,8 +153,9 @@ def main():
         torch.cuda.empty_cache()
 
     print()
-    head = '| shape (b, G, Dc, L, N) | fwd floor | ' + ' | '.join(
-        f'{b} fwd | {b} fwd+bwd | {b} GiB' for b in backends) + ' | triton speedup fwd / fwd+bwd vs cuda | max err bf16 vs cuda | max err fp32 vs torch |'
+    head = ('| shape (b, G, Dc, L, N) | fwd floor | '
+            + ' | '.join(f'{b} fwd | {b} fwd+bwd | {b} GiB' for b in backends)
+            + ' | triton speedup fwd / fwd+bwd vs cuda | max err bf16 vs cuda | max err fp32 vs torch |')
     print(head)
     print('|' + ' --- |' * (head.count('|') - 1))
     for row in rows:

@@ -23,7 +23,8 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize('name, millions', [('arm_mamba_base', 85.0), ('arm_mamba_large', 297.0), ('arm_mamba_huge', 662.7)])
+@pytest.mark.parametrize('name, millions', [
+    ('arm_mamba_base', 85.0), ('arm_mamba_large', 297.0), ('arm_mamba_huge', 662.7)])
 def test_published_parameter_counts(name, millions):
     model = timm.create_model(name, device='meta')
     count = sum(p.numel() for p in model.parameters()) / 1e6

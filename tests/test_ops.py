@@ -29,7 +29,8 @@ def _rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-@pytest.mark.parametrize('shape', [(2, 4, 8, 197, 16), (1, 1, 5, 7, 4), (3, 2, 6, 64, 8), (2, 4, 3, 50, 16), (1, 1, 4, 1, 16)])
+@pytest.mark.parametrize('shape', [
+    (2, 4, 8, 197, 16), (1, 1, 5, 7, 4), (3, 2, 6, 64, 8), (2, 4, 3, 50, 16), (1, 1, 4, 1, 16)])
 @pytest.mark.parametrize('options', ['all', 'plain'])
 def test_parallel_scan_matches_sequential_fp32(shape, options):
     t = _inputs(*shape)

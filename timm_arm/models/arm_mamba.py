@@ -200,7 +200,8 @@ class MultiDirectionMamba(nn.Module):
         else:
             index = order[0].view(1, K, 1, seqlen).expand(batch, K, d, seqlen)
             u = u.unsqueeze(1).expand(batch, K, d, seqlen).gather(-1, index)
-        u = causal_conv1d_silu(u.reshape(batch, K * d, seqlen), self.conv_weight.view(K * d, -1), self.conv_bias.view(-1))
+        u = causal_conv1d_silu(
+            u.reshape(batch, K * d, seqlen), self.conv_weight.view(K * d, -1), self.conv_bias.view(-1))
 
         x_dbl = torch.matmul(self.x_proj_weight.to(u.dtype), u.view(batch, K, d, seqlen))  # (B, K, R + 2N, L)
         dt, B, C = x_dbl.split([R, N, N], dim=2)

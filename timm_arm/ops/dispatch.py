@@ -67,7 +67,8 @@ def choose_backend(name: str, on_gpu: bool, op: str, has_extension: bool, has_tr
         raise RuntimeError(f'timm_arm: backend "{name}" needs CUDA tensors')
     if name == 'cuda':
         if not has_extension:
-            raise RuntimeError('timm_arm: backend "cuda" needs mamba-ssm and causal-conv1d (pip install timm-arm[cuda])')
+            raise RuntimeError(
+                'timm_arm: backend "cuda" needs mamba-ssm and causal-conv1d (pip install timm-arm[cuda])')
         return 'cuda'
     if name == 'triton' and op == 'scan':
         if not has_triton:

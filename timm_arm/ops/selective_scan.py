@@ -108,7 +108,7 @@ def selective_scan_torch(
     carries = torch.stack(carries)  # state entering each chunk: (chunks, b, N, G, d_g)
 
     # 3) every position adds the carried state decayed to it: y_t += <decay_t * carry, C_t>
-    y = torch.stack([y_local[t] + (decays[t] * carries * C_steps[t]).sum(2) for t in range(T)])  # (T, chunks, b, G, d_g)
+    y = torch.stack([y_local[t] + (decays[t] * carries * C_steps[t]).sum(2) for t in range(T)])  # (T, chunks, b, G, dg)
     y = y.reshape(T, num_chunks * batch * dim).t().reshape(num_chunks, batch, dim, T)
     y = y.permute(1, 2, 0, 3).reshape(batch, dim, num_chunks * T)[..., :seqlen]
     return _skip_and_gate(y, u, D, z)
