@@ -1,8 +1,10 @@
-""" GPU check: CUDA kernel path == pure-PyTorch path, for the ops and for whole models, forward and backward.
+""" GPU check: each fast path (our Triton kernels, mamba-ssm / causal-conv1d) == the pure-PyTorch path, for the
+scan and for whole models, forward and backward.
 
     python benchmarks/gpu_check.py [--json OUT.json]
 
-Needs a CUDA GPU with mamba-ssm and causal-conv1d installed. Tolerances (relative to the largest magnitude of
+Needs a CUDA GPU with triton, mamba-ssm and causal-conv1d installed (the token-major Triton ops with scan orders
+are checked op by op by tests/triton_scan_check.py, which runs on the GPU when there is one). Tolerances (relative to the largest magnitude of
 the reference): fp32 1e-4, bf16 autocast 1e-2 for model outputs and gradients; exits non-zero on any failure.
 """
 import argparse
@@ -17,6 +19,7 @@ from _timing import cuda_median_ms
 from timm_arm import ops
 
 TOL = {'fp32': 1e-4, 'bf16': 1e-2}
+FAST = ('triton', 'cuda')
 
 
 def rel_err(a, b):
@@ -39,16 +42,16 @@ def check_scan(rows, batch, directions, d, seqlen, dtype):
     t = {k: v.requires_grad_() for k, v in t.items()}
     grad = mk(batch, dim, seqlen).to(dtype)
     results = {}
-    for backend in ('cuda', 'torch'):
+    for backend in FAST + ('torch',):
         out = ops.selective_scan(**t, delta_softplus=True, backend=backend)
         grads = torch.autograd.grad(out, list(t.values()), grad)
         results[backend] = (out, grads)
     tol = TOL['fp32' if dtype == torch.float32 else 'bf16']
-    err = max([rel_err(results['cuda'][0], results['torch'][0])] +
-              [rel_err(a, b) for a, b in zip(results['cuda'][1], results['torch'][1])])
-    # mamba-ssm's own bf16 kernels accumulate in fp32 but round inputs/outputs: compare against fp32 torch
-    rows.append(dict(check=f'selective_scan b{batch} K{directions} d{d} L{seqlen} {str(dtype)[6:]}',
-                     max_rel_err=err, tol=tol, ok=err < tol))
+    for backend in FAST:
+        err = max([rel_err(results[backend][0], results['torch'][0])] +
+                  [rel_err(a, b) for a, b in zip(results[backend][1], results['torch'][1])])
+        rows.append(dict(check=f'selective_scan [{backend}] b{batch} K{directions} d{d} L{seqlen} {str(dtype)[6:]}',
+                         max_rel_err=err, tol=tol, ok=err < tol))
 
 
 def _run(model, x, backend, amp):
@@ -74,26 +77,28 @@ def check_model(rows, name, batch, amp):
             if 'mixer' in n:
                 p.add_(torch.randn_like(p) * .05)
     x = torch.randn(batch, 3, *model.pretrained_cfg['input_size'][1:], device='cuda')
-    kernel, torch_path = _run(model, x, 'cuda', amp), _run(model, x, 'torch', amp)
+    torch_path = _run(model, x, 'torch', amp)
     exact = _run(model, x, 'torch', False) if amp else torch_path
     tol = TOL['bf16' if amp else 'fp32']
     tag = f'{name} b{batch} {"bf16" if amp else "fp32"}'
-    out_err = rel_err(kernel[0], torch_path[0])
-    rows.append(dict(check=f'{tag} logits kernel vs torch', max_rel_err=out_err, tol=tol, ok=out_err < tol))
-    # gradients: relative L2 error per parameter (max-abs ratios of long bf16 reductions are dominated by rounding)
-    errs = {n: norm_err(kernel[1][n], torch_path[1][n]) for n in exact[1]}
-    worst = max(errs, key=errs.get)
-    to_exact_kernel = norm_err(kernel[1][worst], exact[1][worst])
-    to_exact_torch = norm_err(torch_path[1][worst], exact[1][worst])
-    ok = errs[worst] < tol or (amp and to_exact_kernel <= 1.25 * to_exact_torch)
-    rows.append(dict(
-        check=f'{tag} grads kernel vs torch (worst {worst}; vs fp32: kernel {to_exact_kernel:.1e}, '
-              f'torch {to_exact_torch:.1e})', max_rel_err=errs[worst], tol=tol, ok=ok))
+    for backend in FAST:
+        kernel = _run(model, x, backend, amp)
+        out_err = rel_err(kernel[0], torch_path[0])
+        rows.append(dict(check=f'{tag} logits [{backend}] vs torch', max_rel_err=out_err, tol=tol, ok=out_err < tol))
+        # gradients: relative L2 error per parameter (max-abs ratios of long bf16 reductions are rounding-dominated)
+        errs = {n: norm_err(kernel[1][n], torch_path[1][n]) for n in exact[1]}
+        worst = max(errs, key=errs.get)
+        to_exact_kernel = norm_err(kernel[1][worst], exact[1][worst])
+        to_exact_torch = norm_err(torch_path[1][worst], exact[1][worst])
+        ok = errs[worst] < tol or (amp and to_exact_kernel <= 1.25 * to_exact_torch)
+        rows.append(dict(
+            check=f'{tag} grads [{backend}] vs torch (worst {worst}; vs fp32: {backend} {to_exact_kernel:.1e}, '
+                  f'torch {to_exact_torch:.1e})', max_rel_err=errs[worst], tol=tol, ok=ok))
 
     def step():
         with torch.autocast('cuda', torch.bfloat16, enabled=amp):
             model(x).float().mean().backward()
-    for backend in ('cuda', 'torch'):
+    for backend in FAST + ('torch',):
         ops.set_backend(backend)
         rows.append(dict(check=f'{tag} train step ms [{backend}]', ms=cuda_median_ms(step, iters=5, warmup=2)))
     ops.set_backend(None)

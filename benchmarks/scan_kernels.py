@@ -1,13 +1,12 @@
-""" Selective-scan kernels at ARM's shapes: Triton vs mamba-ssm's CUDA kernel vs plain PyTorch, in one run.
+""" The scan and conv kernels alone at ARM's shapes: our Triton kernels (token-major, scan orders inside the
+kernel, as the model calls them) vs mamba-ssm / causal-conv1d (channel-first, orders not counted), one run.
 
-    python benchmarks/scan_kernels.py [--json OUT.json] [--no-torch] [--sweep]
+    python benchmarks/scan_kernels.py [--json OUT.json] [--sweep] [--shapes 0,1]
 
-For each shape (bf16 u/delta/z/B/C, fp32 A/D/delta_bias, softplus, D and z as in ARM) it times the forward
-(no grad) and forward+backward (torch.autograd.grad of all eight inputs), median of CUDA-event timings, and
-checks the Triton outputs and gradients against mamba-ssm in bf16 (tolerance 1e-2 of the largest magnitude)
-and against the PyTorch scan in fp32 at a smaller batch (tolerance 1e-4). --sweep also times the Triton
-forward and backward over tile configurations for each shape and prints the best. Exits non-zero when a
-check fails. Needs a CUDA GPU; the 'cuda' column needs mamba-ssm installed.
+Times the forward (no grad) and forward+backward (autograd.grad of every input), median of CUDA-event timings,
+bf16 activations, fp32 A / D / delta_bias, softplus, D as in ARM. --sweep also times the Triton scan's forward
+and backward over tile configurations at each shape and prints the best (with registers and spills).
+Correctness is checked by tests/triton_scan_check.py and benchmarks/gpu_check.py.
 """
 import argparse
 import itertools
@@ -18,167 +17,134 @@ import torch
 
 from _timing import cuda_median_ms
 from timm_arm import ops
-from timm_arm.ops.triton_scan import ScanConfig, scan_config, selective_scan_triton
+from timm_arm.models.arm_mamba import scan_orders
+from timm_arm.ops import triton_scan as ts
 
-# (batch, groups = scan directions, channels, L, N)
+# (batch, directions, L, d, N, patch grid)
 SHAPES = [
-    (128, 4, 3072, 197, 16),  # ARM-B, 224 px
-    (64, 4, 4096, 197, 16),  # ARM-L
-    (64, 4, 6144, 197, 16),  # ARM-H
-    (32, 4, 3072, 577, 16),  # ARM-B, 384 px
+    (128, 4, 197, 768, 16, (14, 14)),  # ARM-B, 224 px, training batch
+    (64, 4, 197, 1024, 16, (14, 14)),  # ARM-L
+    (64, 4, 197, 1536, 16, (14, 14)),  # ARM-H
+    (32, 4, 577, 768, 16, (24, 24)),  # ARM-B, 384 px
 ]
-NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 
 
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-
-
-def make_inputs(batch, groups, channels, seqlen, d_state, dtype, seed=0):
-    g = torch.Generator(device='cuda').manual_seed(seed)
+def token_inputs(batch, K, seqlen, d, N, grid, dtype=torch.bfloat16):
+    g = torch.Generator(device='cuda').manual_seed(0)
     mk = lambda *s, scale=1.: torch.randn(*s, device='cuda', generator=g) * scale
-    t = dict(u=mk(batch, channels, seqlen).to(dtype), delta=mk(batch, channels, seqlen, scale=.5).to(dtype),
-             A=-(torch.rand(channels, d_state, device='cuda', generator=g) * 4 + .1),
-             B=mk(batch, groups, d_state, seqlen).to(dtype), C=mk(batch, groups, d_state, seqlen).to(dtype),
-             D=mk(channels), z=mk(batch, channels, seqlen).to(dtype), delta_bias=mk(channels, scale=.5) - 4.)
-    return {k: v.requires_grad_() for k, v in t.items()}
+    x_dbl = mk(batch, K, seqlen, 48 + 2 * N).to(dtype)
+    t = dict(u=mk(batch, K, seqlen, d).to(dtype), delta=mk(batch, K, seqlen, d, scale=.5).to(dtype),
+             A=-(torch.rand(K, d, N, device='cuda', generator=g) * 4 + .1), B=x_dbl[..., 48:48 + N],
+             C=x_dbl[..., 48 + N:], D=mk(K, d), delta_bias=mk(K, d, scale=.5) - 4.)
+    order = scan_orders(grid, K, seqlen // 2 if seqlen % 2 else None, torch.device('cuda'))
+    return {k: v.requires_grad_() for k, v in t.items()}, order
 
 
-def scan_fn(backend, config=None):
-    if backend == 'triton':
-        return lambda **t: selective_scan_triton(**t, delta_softplus=True, config=config)
-    return lambda **t: ops.selective_scan(**t, delta_softplus=True, backend=backend)
+def channel_first(t):
+    """The same inputs in mamba-ssm's layout (copies, made outside the timed region)."""
+    batch, K, seqlen, d = t['u'].shape
+    cf = lambda x: x.detach().permute(0, 1, 3, 2).reshape(batch, -1, seqlen).contiguous().requires_grad_()
+    return dict(u=cf(t['u']), delta=cf(t['delta']), A=t['A'].detach().reshape(K * d, -1).requires_grad_(),
+                B=t['B'].detach().transpose(2, 3).contiguous().requires_grad_(),
+                C=t['C'].detach().transpose(2, 3).contiguous().requires_grad_(),
+                D=t['D'].detach().reshape(-1).requires_grad_(),
+                delta_bias=t['delta_bias'].detach().reshape(-1).requires_grad_())
 
 
-def run_grads(fn, t, grad):
-    out = fn(**t)
-    return out, torch.autograd.grad(out, list(t.values()), grad)
+def fwd_and_fwd_bwd(fn, inputs, iters):
+    out = fn()
+    grad = torch.randn_like(out)
 
-
-def time_backend(fn, t, grad, iters):
     def fwd():
         with torch.no_grad():
-            fn(**t)
-    return cuda_median_ms(fwd, iters), cuda_median_ms(lambda: run_grads(fn, t, grad), iters)
+            fn()
+    return (cuda_median_ms(fwd, iters),
+            cuda_median_ms(lambda: torch.autograd.grad(fn(), inputs, grad), iters))
 
 
-def memory_floor_ms(batch, groups, channels, seqlen, d_state, itemsize=2):
-    # forward: read u, delta, z, B, C, write out; bytes / ~4.8 TB/s (H200) -- an order-of-magnitude reference
-    nbytes = (4 * batch * channels * seqlen + 2 * batch * groups * d_state * seqlen) * itemsize
-    return nbytes / 4.8e12 * 1e3
+def time_shape(shape, iters, has_cuda):
+    batch, K, seqlen, d, N, grid = shape
+    t, order = token_inputs(*shape)
+    row = dict(shape=dict(batch=batch, directions=K, L=seqlen, d=d, N=N))
+    fn = lambda: ts.selective_scan_tokens(**t, delta_softplus=True, order=order[0])
+    row['triton_scan'] = fwd_and_fwd_bwd(fn, list(t.values()), iters)
+    x = torch.randn(batch, seqlen, 2 * d, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(K, d, 4, device='cuda', requires_grad=True)
+    b = torch.randn(K, d, device='cuda', requires_grad=True)
+    fn = lambda: ts.causal_conv1d_silu_tokens(x[..., :d], w.to(x.dtype), b.to(x.dtype), *order)
+    row['triton_conv'] = fwd_and_fwd_bwd(fn, [x, w, b], iters)
+    if has_cuda:
+        c = channel_first(t)
+        fn = lambda: ops.selective_scan(**c, delta_softplus=True, backend='cuda')
+        row['cuda_scan'] = fwd_and_fwd_bwd(fn, list(c.values()), iters)
+        xc = torch.randn(batch, K * d, seqlen, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        fn = lambda: ops.causal_conv1d_silu(xc, w.view(K * d, 4), b.view(-1), backend='cuda')
+        row['cuda_conv'] = fwd_and_fwd_bwd(fn, [xc, w, b], iters)
+    return row
 
 
 def sweep(shape, iters):
-    """Time the Triton forward and backward alone over tile configurations."""
-    from timm_arm.ops import triton_scan as ts
-    batch, groups, channels, seqlen, d_state = shape
-    t = {k: v.detach() for k, v in make_inputs(*shape, torch.bfloat16).items()}
-    dout = torch.randn_like(t['u'])
+    """The Triton scan's forward and backward alone over tile configurations."""
+    t, order = token_inputs(*shape)
+    t = {k: v.detach() for k, v in t.items()}
+    args = (t['u'], t['delta'], t['A'].contiguous(), t['B'], t['C'], t['D'], t['delta_bias'], True,
+            order[0].to(torch.int32))
+    dy = torch.randn_like(t['u'])
     fwd_rows, bwd_rows = [], []
-    for T, bd, warps in itertools.product((2, 4, 8, 16), (8, 16, 32, 64, 128, 256), (1, 2, 4, 8)):
+    for T, bd, warps in itertools.product((2, 4, 8, 16), (16, 32, 64, 128), (1, 2, 4)):
         per_thread = T * 16 * bd // (32 * warps)  # fp32 elements of one (T, N, BLOCK_D) tile per thread
-        if not 8 <= per_thread <= 64 or bd > channels // groups or bd < 16 * warps:
+        if not 8 <= per_thread <= 128 or bd < 16 * warps:
             continue
-        cfg = ScanConfig(T, bd, warps, T, bd, warps)
-        try:
-            ms = cuda_median_ms(lambda: ts._forward(t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'], t['z'],
-                                           t['delta_bias'], True, cfg, True), iters)
-            k = ts._last_kernels['fwd']
-            fwd_rows.append((ms, T, bd, warps, k.n_regs, k.n_spills))
-            _, states = ts._forward(t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'], t['z'], t['delta_bias'],
-                                    True, cfg, True)
-            ms = cuda_median_ms(lambda: ts._backward(dout, t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'], t['z'],
-                                            t['delta_bias'], True, states, cfg), iters)
-            k = ts._last_kernels['bwd']
-            bwd_rows.append((ms, T, bd, warps, k.n_regs, k.n_spills))
-        except Exception as e:  # out of resources etc.
-            print(f'  sweep T={T} bd={bd} warps={warps}: {type(e).__name__}: {str(e)[:100]}')
+        cfg = ts.ScanConfig(T, bd, warps, T, bd, warps)
+        for rows, name, call in (
+                (fwd_rows, 'scan_fwd', lambda: ts._scan_forward(*args, cfg)),
+                (bwd_rows, 'scan_bwd', lambda: ts._scan_backward(dy, *args, cfg))):
+            if rows is bwd_rows and per_thread > 64:
+                continue
+            try:
+                ms = cuda_median_ms(call, iters)
+                k = ts._last_kernels[name]
+                rows.append((ms, T, bd, warps, k.n_regs, k.n_spills))
+            except Exception as e:  # out of resources etc.
+                print(f'  sweep {name} T={T} bd={bd} warps={warps}: {type(e).__name__}: {str(e)[:100]}')
     fwd_rows.sort()
     bwd_rows.sort()
-    for name, rows in (('forward (saving states)', fwd_rows), ('backward', bwd_rows)):
-        print(f'sweep {shape} {name}, best first (ms, T, BLOCK_D, warps, registers, spills):')
-        print('  ' + ', '.join(f'{ms:.3f} T{T} bd{bd} w{w} r{r} s{sp}' for ms, T, bd, w, r, sp in rows[:10]))
-    return dict(shape=shape, forward=fwd_rows, backward=bwd_rows)
+    for name, rows in (('forward', fwd_rows), ('backward', bwd_rows)):
+        print(f'sweep {shape[:5]} {name}, best first (ms, T, BLOCK_D, warps, registers, spills):')
+        print('  ' + ', '.join(f'{ms:.3f} T{T} bd{bd} w{w} r{r} s{sp}' for ms, T, bd, w, r, sp in rows[:8]))
+    return dict(shape=shape[:5], forward=fwd_rows, backward=bwd_rows)
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--json', default=None)
-    parser.add_argument('--no-torch', action='store_true', help='skip timing the (slow, memory-hungry) PyTorch scan')
-    parser.add_argument('--no-cuda', action='store_true', help='skip mamba-ssm')
-    parser.add_argument('--sweep', action='store_true', help='also sweep Triton tile configurations')
+    parser.add_argument('--sweep', action='store_true', help='also sweep the Triton scan tile configurations')
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--shapes', default=None, help='indices into SHAPES, e.g. 0,3')
     args = parser.parse_args()
     shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(',')]
-    backends = ['triton'] + ([] if args.no_cuda else ['cuda']) + ([] if args.no_torch else ['torch'])
-    print(f'device: {torch.cuda.get_device_name()}, torch {torch.__version__}')
-
-    rows, sweeps, ok = [], [], True
+    has_cuda = ops.has_cuda_kernels()
+    device = torch.cuda.get_device_name()
+    print(f'device: {device}, torch {torch.__version__}')
+    rows, sweeps = [], []
     for shape in shapes:
-        batch, groups, channels, seqlen, d_state = shape
-        row = dict(shape=dict(batch=batch, groups=groups, channels=channels, L=seqlen, N=d_state),
-                   config=scan_config(channels // groups, seqlen, d_state)._asdict(),
-                   fwd_floor_ms=memory_floor_ms(*shape))
-        t = make_inputs(*shape, torch.bfloat16)
-        grad = torch.randn_like(t['u'])
-        results = {}
-        for backend in backends:
-            torch.cuda.reset_peak_memory_stats()
-            fwd, fwd_bwd = time_backend(scan_fn(backend), t, grad, args.iters)
-            row[backend] = dict(fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
-                                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
-            if backend != 'torch':
-                results[backend] = run_grads(scan_fn(backend), t, grad)
-        if 'cuda' in results:  # bf16: triton vs mamba-ssm
-            out_t, g_t = results['triton']
-            out_c, g_c = results['cuda']
-            errs = {'out': rel_err(out_t, out_c), **{k: rel_err(a, b) for k, a, b in zip(NAMES, g_t, g_c)}}
-            row['bf16_vs_cuda'] = errs
-            ok &= max(errs.values()) < 1e-2
-        del results, t, grad
-        # fp32: triton vs the PyTorch scan, at a batch small enough for the PyTorch path
-        small = (min(batch, 4),) + shape[1:]
-        t = make_inputs(*small, torch.float32, seed=1)
-        grad = torch.randn_like(t['u'])
-        out_t, g_t = run_grads(scan_fn('triton'), t, grad)
-        out_r, g_r = run_grads(scan_fn('torch'), t, grad)
-        errs = {'out': rel_err(out_t, out_r), **{k: rel_err(a, b) for k, a, b in zip(NAMES, g_t, g_r)}}
-        row['fp32_vs_torch'] = errs
-        ok &= max(errs.values()) < 1e-4
-        del t, grad, out_t, g_t, out_r, g_r
-        rows.append(row)
         if args.sweep:
-            sweeps.append(sweep(shape, args.iters))
+            sweeps.append(sweep(shape, max(5, args.iters // 4)))
+        rows.append(time_shape(shape, args.iters, has_cuda))
         torch.cuda.empty_cache()
-
-    print()
-    head = ('| shape (b, G, Dc, L, N) | fwd floor | '
-            + ' | '.join(f'{b} fwd | {b} fwd+bwd | {b} GiB' for b in backends)
-            + ' | triton speedup fwd / fwd+bwd vs cuda | max err bf16 vs cuda | max err fp32 vs torch |')
-    print(head)
-    print('|' + ' --- |' * (head.count('|') - 1))
+    print('| shape (b, K, L, d, N) | triton scan fwd / fwd+bwd | mamba-ssm scan fwd / fwd+bwd | '
+          'triton conv fwd / fwd+bwd | causal-conv1d fwd / fwd+bwd |')
+    print('| --- | --- | --- | --- | --- |')
     for row in rows:
         s = row['shape']
-        cells = [f"{s['batch']}, {s['groups']}, {s['channels']}, {s['L']}, {s['N']}", f"{row['fwd_floor_ms']:.3f} ms"]
-        for b in backends:
-            cells += [f"{row[b]['fwd_ms']:.3f} ms", f"{row[b]['fwd_bwd_ms']:.3f} ms", f"{row[b]['peak_gib']:.1f}"]
-        if 'cuda' in row:
-            cells.append(f"{row['cuda']['fwd_ms'] / row['triton']['fwd_ms']:.1f}x / "
-                         f"{row['cuda']['fwd_bwd_ms'] / row['triton']['fwd_bwd_ms']:.1f}x")
-        else:
-            cells.append('-')
-        bf = row.get('bf16_vs_cuda')
-        cells.append(f"{max(bf.values()):.1e} ({max(bf, key=bf.get)})" if bf else '-')
-        fp = row['fp32_vs_torch']
-        cells.append(f"{max(fp.values()):.1e} ({max(fp, key=fp.get)})")
-        print('| ' + ' | '.join(cells) + ' |')
-    print('\nALL CHECKS OK' if ok else '\nCHECK FAILURES')
+        cell = lambda k: f'{row[k][0]:.3f} / {row[k][1]:.3f} ms' if k in row else '-'
+        print(f"| {s['batch']}, {s['directions']}, {s['L']}, {s['d']}, {s['N']} | {cell('triton_scan')} | "
+              f"{cell('cuda_scan')} | {cell('triton_conv')} | {cell('cuda_conv')} |")
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, sweeps=sweeps), f, indent=1)
-    sys.exit(0 if ok else 1)
+            json.dump(dict(device=device, torch=torch.__version__, rows=rows, sweeps=sweeps), f, indent=1)
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

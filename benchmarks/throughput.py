@@ -1,11 +1,13 @@
 """ Throughput of ARM against timm's ViTs of the same size: one run, one card, same settings.
 
-    python benchmarks/throughput.py [--models base,large,huge] [--json benchmarks/results/<card>_<date>.json]
+    python benchmarks/throughput.py [--models base,large,huge] [--backends triton,cuda] [--profile]
+                                    [--json benchmarks/results/<card>_<date>.json]
 
 For each size: inference img/s (batch 256), training img/s (AdamW step; batch 128 for base, 64 for large/huge),
-peak training memory, and the ARM / ViT ratios, at 224 px under bf16 autocast. Also ARM-B built the naive way
-(four separate conv -> x_proj -> dt_proj -> scan chains with flips and copies), as the reference code builds it.
-Timing: warm-up, then the median of CUDA-event timed steps.
+peak training memory, and the ARM / ViT ratios, at 224 px under bf16 autocast, for each timm_arm backend given
+(the ratios use the first). Also ARM-B built the naive way (four separate conv -> x_proj -> dt_proj -> scan chains
+with flips and copies, on mamba-ssm's kernels), as the reference code builds it. --profile prints where the
+CUDA time of one ARM training step goes, per kernel. Timing: warm-up, then the median of CUDA-event timed steps.
 """
 import argparse
 import datetime
@@ -42,11 +44,12 @@ class NaiveMixer(nn.Module):
         total = 0
         for k in range(m.num_directions):
             seq = xz.index_select(-1, order[0][k])
-            u = causal_conv1d_silu(seq[:, :d].contiguous(), m.conv_weight[k], m.conv_bias[k])
+            u = causal_conv1d_silu(seq[:, :d].contiguous(), m.conv_weight[k], m.conv_bias[k], backend='cuda')
             dt, B, C = F.linear(u.transpose(1, 2), m.x_proj_weight[k]).split([R, N, N], dim=-1)
             delta = F.linear(dt, m.dt_proj_weight[k]).transpose(1, 2)
             y = selective_scan(u, delta.contiguous(), -torch.exp(m.A_log[k].float()), B.transpose(1, 2).unsqueeze(1),
-                               C.transpose(1, 2).unsqueeze(1), m.D[k], seq[:, d:].contiguous(), m.dt_proj_bias[k], True)
+                               C.transpose(1, 2).unsqueeze(1), m.D[k], seq[:, d:].contiguous(), m.dt_proj_bias[k], True,
+                               backend='cuda')
             total = total + y.index_select(-1, order[1][k])
         return m.out_proj((total / m.num_directions).transpose(1, 2))
 
@@ -85,6 +88,34 @@ def measure(name, model, infer_batch, train_batch, iters, warmup):
     return row
 
 
+def profile(model, batch, steps=3):
+    """Print the CUDA kernel-time table of ARM training steps (forward, backward, AdamW)."""
+    model = model.cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(batch, 3, 224, 224, device='cuda')
+    y = torch.randint(0, 1000, (batch,), device='cuda')
+
+    def step():
+        with torch.autocast('cuda', torch.bfloat16):
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    print(f'kernel time per step: {total / steps / 1e3:.1f} ms')
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:18]:
+        print(f'  {100 * e.self_device_time_total / total:5.1f} %  {e.self_device_time_total / steps / 1e3:7.2f} ms  '
+              f'{e.count // steps:4d}x  {e.key[:90]}')
+    del opt, model
+    torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--models', default='base,large,huge')
@@ -92,23 +123,32 @@ def main():
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--no-naive', action='store_true')
-    parser.add_argument('--backend', default='', help='timm_arm scan backend for the ARM models (default: auto)')
+    parser.add_argument('--backends', default='triton,cuda', help='timm_arm backends to time the ARM models with')
+    parser.add_argument('--profile', action='store_true', help='kernel-time table of one ARM training step')
     parser.add_argument('--json', default='')
     args = parser.parse_args()
-    if args.backend:
-        timm_arm.set_backend(args.backend)
+    backends = args.backends.split(',')
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     rows, ratios = [], []
     for size in args.models.split(','):
         vit_name, arm_name, train_batch = PAIRS[size]
         vit = measure(vit_name, timm.create_model(vit_name), args.infer_batch, train_batch, args.iters, args.warmup)
-        arm = measure(arm_name, timm.create_model(arm_name), args.infer_batch, train_batch, args.iters, args.warmup)
-        rows += [vit, arm]
+        rows.append(vit)
+        for i, backend in enumerate(backends):
+            timm_arm.set_backend(backend)
+            row = measure(f'{arm_name} [{backend}]', timm.create_model(arm_name), args.infer_batch, train_batch,
+                          args.iters, args.warmup)
+            row['backend'] = backend
+            rows.append(row)
+            arm = row if i == 0 else arm
+            if args.profile and i == 0 and size == 'base':
+                profile(timm.create_model(arm_name), train_batch)
+        timm_arm.set_backend(None)
         if size == 'base' and not args.no_naive:
             rows.append(measure('arm_mamba_base (naive 4 chains)', naive(timm.create_model(arm_name)),
                                 args.infer_batch, train_batch, args.iters, args.warmup))
-        ratios.append(dict(size=size, infer=arm['infer_img_s'] / vit['infer_img_s'],
+        ratios.append(dict(size=size, backend=backends[0], infer=arm['infer_img_s'] / vit['infer_img_s'],
                            train=arm['train_img_s'] / vit['train_img_s'],
                            memory=arm['train_peak_gib'] / vit['train_peak_gib']))
     device = torch.cuda.get_device_name()
@@ -118,7 +158,7 @@ def main():
         print(f"{r['model']:<34}{r['params_m']:>9.1f}{r['infer_img_s']:>13.0f}{r['train_img_s']:>13.0f}"
               f"{r['train_peak_gib']:>11.1f}")
     for r in ratios:
-        print(f"ARM/ViT {r['size']:<6} infer {r['infer']:.2f}x  train {r['train']:.2f}x  memory {r['memory']:.2f}x")
+        print(f"ARM/ViT {r['size']:<6} [{r['backend']}] infer {r['infer']:.2f}x  train {r['train']:.2f}x  memory {r['memory']:.2f}x")
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(device=device, torch=torch.__version__, timm=timm.__version__,

@@ -128,13 +128,14 @@ def test_backend_selection(monkeypatch):
 
 @pytest.mark.parametrize('name, on_gpu, op, has_ext, has_triton, expected', [
     ('auto', False, 'scan', True, True, 'torch'),     # CPU, meta: always PyTorch
-    ('auto', True, 'scan', True, True, 'cuda'),       # mamba-ssm installed: its kernel
-    ('auto', True, 'conv', True, True, 'cuda'),
-    ('auto', True, 'scan', False, True, 'triton'),    # no mamba-ssm: our Triton scan
+    ('auto', True, 'scan', True, True, 'triton'),     # GPU: our Triton path first
+    ('auto', True, 'scan', False, True, 'triton'),
+    ('auto', True, 'scan', True, False, 'cuda'),      # no triton: mamba-ssm's kernel
     ('auto', True, 'scan', False, False, 'torch'),    # neither: PyTorch
-    ('auto', True, 'conv', False, True, 'torch'),     # no causal-conv1d: PyTorch conv
+    ('auto', True, 'conv', True, True, 'cuda'),       # the channel-first conv: causal-conv1d or PyTorch
+    ('auto', True, 'conv', False, True, 'torch'),
     ('triton', True, 'scan', True, True, 'triton'),
-    ('triton', True, 'conv', True, True, 'cuda'),     # 'triton' only changes the scan
+    ('triton', True, 'conv', True, True, 'cuda'),     # the channel-first conv has no Triton version
     ('triton', True, 'conv', False, True, 'torch'),
     ('cuda', True, 'scan', True, False, 'cuda'),
     ('torch', True, 'scan', True, True, 'torch'),

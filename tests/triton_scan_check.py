@@ -1,4 +1,7 @@
-""" Checks the Triton selective scan against the sequential reference: forward and every gradient.
+""" Checks the Triton selective scan and causal conv against plain references: forward and every gradient.
+
+The channel-first API (mamba-ssm's layout) against the sequential scan; the token-major API with scan orders
+(random permutations per direction) against the PyTorch scan / conv run on explicitly permuted copies.
 
     python tests/triton_scan_check.py [--quick]
 
@@ -15,7 +18,9 @@ if not torch.cuda.is_available():
     os.environ['TRITON_INTERPRET'] = '1'
 
 from timm_arm.ops.selective_scan import selective_scan_sequential  # noqa: E402
-from timm_arm.ops.triton_scan import ScanConfig, selective_scan_triton  # noqa: E402
+from timm_arm.ops.causal_conv1d import causal_conv1d_silu_torch  # noqa: E402
+from timm_arm.ops.triton_scan import (  # noqa: E402
+    ScanConfig, causal_conv1d_silu_tokens, selective_scan_tokens, selective_scan_triton)
 
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 
@@ -71,7 +76,142 @@ CASES = [
     ((1, 2, 2, 197, 16), {'D', 'delta_bias', 'softplus'}),
 ]
 CONFIGS = [None, ScanConfig(T=16, block_d_fwd=2, warps_fwd=1, T_bwd=4, block_d_bwd=4, warps_bwd=1),
-           ScanConfig(T=4, block_d_fwd=4, warps_fwd=2, T_bwd=4, block_d_bwd=2, warps_bwd=1)]
+           ScanConfig(T=4, block_d_fwd=4, warps_fwd=2, T_bwd=8, block_d_bwd=2, warps_bwd=1)]
+
+
+def _orders(num_dirs, seqlen, gen, permute):
+    if not permute:
+        return None, None
+    order = torch.stack([torch.randperm(seqlen, generator=gen) for _ in range(num_dirs)])
+    return order, torch.argsort(order, dim=1)
+
+
+def _gather_steps(x, order):
+    """(b, K, L, c) token-major -> the same in scan order of each direction."""
+    return x.gather(2, order[None, :, :, None].expand_as(x)) if order is not None else x
+
+
+def scan_tokens_reference(u, delta, A, B, C, D, delta_bias, order, inverse):
+    """The PyTorch scan on explicitly permuted channel-first copies, mapped back to token order."""
+    batch, num_dirs, seqlen, d = u.shape
+    cf = lambda t: _gather_steps(t, order).permute(0, 1, 3, 2)  # (b, K, c, L) in scan order
+    y = selective_scan_sequential(
+        cf(u).reshape(batch, num_dirs * d, seqlen), cf(delta).reshape(batch, num_dirs * d, seqlen),
+        A.reshape(num_dirs * d, -1), cf(B), cf(C), D.reshape(-1) if D is not None else None, None,
+        delta_bias.reshape(-1) if delta_bias is not None else None, delta_softplus=True)
+    y = y.view(batch, num_dirs, d, seqlen).permute(0, 1, 3, 2)
+    return _gather_steps(y, inverse)
+
+
+def check_tokens(shape, permute, device, dtype=torch.float32, config=None, seed=0, tol=1e-5):
+    """Token-major scan with per-direction orders, strided B / C views of one projection, all gradients."""
+    batch, num_dirs, seqlen, d, d_state = shape
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s, scale=1.: (torch.randn(*s, generator=g) * scale).to(device)
+    x_dbl = mk(batch, num_dirs, seqlen, 3 + 2 * d_state)
+    t = dict(u=mk(batch, seqlen, num_dirs, d).transpose(1, 2), delta=mk(batch, num_dirs, seqlen, d, scale=.5),
+             A=(-(torch.rand(num_dirs, d, d_state, generator=g) * 4 + .1)).to(device),
+             B=x_dbl[..., 3:3 + d_state], C=x_dbl[..., 3 + d_state:], D=mk(num_dirs, d),
+             delta_bias=mk(num_dirs, d, scale=.5))
+    for k in ('u', 'delta', 'B', 'C'):
+        t[k] = t[k].to(dtype)
+    order, inverse = _orders(num_dirs, seqlen, g, permute)
+    order, inverse = (o.to(device) if o is not None else None for o in (order, inverse))
+    leaves = list(t)
+    t = {k: v.detach().requires_grad_() for k, v in t.items()}
+    dy = mk(batch, num_dirs, seqlen, d)
+    out = selective_scan_tokens(**t, delta_softplus=True, order=order, config=config)
+    grads = torch.autograd.grad(out, [t[k] for k in leaves], dy.to(out.dtype))
+    ref_in = {k: v.float() for k, v in t.items()}
+    ref = scan_tokens_reference(**ref_in, order=order, inverse=inverse)
+    ref_grads = torch.autograd.grad(ref, [ref_in[k] for k in leaves], dy)
+    errs = {'out': rel_err(out, ref)}
+    errs.update({k: rel_err(a, b) for k, a, b in zip(leaves, grads, ref_grads)})
+    worst = max(errs, key=errs.get)
+    ok = errs[worst] < tol and out.dtype == dtype and all(a.dtype == t[k].dtype for k, a in zip(leaves, grads))
+    print(f'{"ok  " if ok else "FAIL"} tokens shape={shape} permuted={permute} {dtype} config={config} '
+          f'worst={worst} {errs[worst]:.2e}', flush=True)
+    return ok
+
+
+def check_conv(shape, permute, device, dtype=torch.float32, seed=0, tol=1e-5):
+    """Token-major causal conv + SiLU along per-direction orders: output and the gradients of x, weight, bias."""
+    batch, num_dirs, seqlen, d, width = shape
+    g = torch.Generator().manual_seed(seed)
+    xz = torch.randn(batch, seqlen, 2 * d, generator=g).to(device, dtype)
+    w = (torch.randn(num_dirs, d, width, generator=g) * .5).to(device)
+    bias = torch.randn(num_dirs, d, generator=g).to(device)
+    order, inverse = _orders(num_dirs, seqlen, g, permute)
+    order, inverse = (o.to(device) if o is not None else None for o in (order, inverse))
+    xz, w, bias = (v.requires_grad_() for v in (xz, w, bias))
+    du = torch.randn(batch, num_dirs, seqlen, d, generator=g).to(device)
+    out = causal_conv1d_silu_tokens(xz[..., :d], w, bias, order, inverse)
+    grads = torch.autograd.grad(out, (xz, w, bias), du.to(out.dtype))
+    xr = xz.detach().float().requires_grad_()
+    wr, br = w.detach().requires_grad_(), bias.detach().requires_grad_()
+    xs = _gather_steps(xr[..., :d].unsqueeze(1).expand(batch, num_dirs, seqlen, d), order)
+    ref = causal_conv1d_silu_torch(xs.permute(0, 1, 3, 2).reshape(batch, num_dirs * d, seqlen),
+                                   wr.reshape(num_dirs * d, width), br.reshape(-1))
+    ref = _gather_steps(ref.view(batch, num_dirs, d, seqlen).permute(0, 1, 3, 2), inverse)
+    ref_grads = torch.autograd.grad(ref, (xr, wr, br), du)
+    errs = {'out': rel_err(out, ref)}
+    errs.update({k: rel_err(a, b) for k, a, b in zip(('x', 'weight', 'bias'), grads, ref_grads)})
+    worst = max(errs, key=errs.get)
+    ok = errs[worst] < tol and out.dtype == dtype and grads[0].dtype == dtype
+    print(f'{"ok  " if ok else "FAIL"} conv shape={shape} permuted={permute} {dtype} worst={worst} '
+          f'{errs[worst]:.2e}', flush=True)
+    return ok
+
+
+def check_model(device, tol=1e-4):
+    """A small ARM classifier (4 directions, class token in the middle) and the 1-direction pretrainer: logits
+    and every parameter gradient of the Triton path against the PyTorch path."""
+    from timm_arm import ops
+    from timm_arm.models.arm_mamba import ArmMamba
+    from timm_arm.models.arm_pretrain import ArmPretrainer
+    ok = True
+    torch.manual_seed(0)
+    models = {'classifier': ArmMamba(img_size=24, patch_size=8, embed_dim=16, depth=2, num_classes=5),
+              'pretrainer': ArmPretrainer(img_size=32, patch_size=8, embed_dim=16, depth=2, cluster_size=2,
+                                          decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2)}
+    for name, model in models.items():
+        model = model.to(device)
+        with torch.no_grad():  # every direction different
+            for n, p in model.named_parameters():
+                p.add_(torch.randn_like(p) * .05)
+        x = torch.randn(2, 3, 24 if name == 'classifier' else 32, 24 if name == 'classifier' else 32, device=device)
+        results = {}
+        for backend in ('triton', 'torch'):
+            ops.set_backend(backend)
+            model.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            results[backend] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.grad is not None})
+        ops.set_backend(None)
+        errs = {'out': rel_err(results['triton'][0], results['torch'][0])}
+        errs.update({n: rel_err(g, results['torch'][1][n]) for n, g in results['triton'][1].items()})
+        worst = max(errs, key=errs.get)
+        good = errs[worst] < tol and results['triton'][1].keys() == results['torch'][1].keys()
+        print(f'{"ok  " if good else "FAIL"} model {name} triton vs torch: worst={worst} {errs[worst]:.2e}', flush=True)
+        ok &= good
+    return ok
+
+
+TOKEN_CASES = [
+    # (batch, directions, L, d, N), permuted
+    ((1, 1, 1, 3, 4), False),
+    ((2, 4, 17, 5, 4), True),
+    ((1, 2, 50, 8, 16), True),
+    ((2, 1, 33, 4, 5), False),  # N not a power of two
+]
+CONV_CASES = [
+    # (batch, directions, L, d, width), permuted
+    ((1, 1, 1, 3, 4), False),
+    ((2, 4, 17, 5, 4), True),
+    ((1, 2, 70, 70, 3), True),  # several token and channel blocks
+    ((2, 1, 33, 4, 4), False),
+]
 
 
 def check_layouts_and_dtypes(device):
@@ -100,6 +240,14 @@ def main():
     for shape, options in CASES:
         for config in CONFIGS[:1] if quick else CONFIGS:
             ok &= check(shape, options, device, config)
+    for shape, permute in TOKEN_CASES:
+        for config in CONFIGS[:1] if quick else CONFIGS:
+            ok &= check_tokens(shape, permute, device, config=config)
+    ok &= check_tokens((2, 4, 19, 6, 8), True, device, dtype=torch.bfloat16, tol=1e-2)
+    for shape, permute in CONV_CASES:
+        ok &= check_conv(shape, permute, device)
+    ok &= check_conv((2, 4, 19, 6, 4), True, device, dtype=torch.bfloat16, tol=1e-2)
+    ok &= check_model(device)
     print('ALL OK' if ok else 'FAILURES')
     sys.exit(0 if ok else 1)
 

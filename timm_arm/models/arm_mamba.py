@@ -31,7 +31,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from timm_arm.ops import causal_conv1d_silu, selective_scan
+from timm_arm.ops import scan_directions
 
 __all__ = ['ArmMamba', 'MultiDirectionMamba', 'ArmBlock', 'scan_orders', 'resample_pos_embed', 'HUB_ORG']
 
@@ -191,32 +191,12 @@ class MultiDirectionMamba(nn.Module):
 
     def forward(self, x: torch.Tensor, order: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """x: (B, L, dim) in token order; order: (scan order, inverse) from scan_orders(), None for 1 direction."""
-        batch, seqlen, _ = x.shape
-        K, d, N, R = self.num_directions, self.d_inner, self.d_state, self.dt_rank
+        d = self.d_inner
         xz = self.in_proj(x)
-        u = xz[..., :d].transpose(1, 2)  # (B, d, L)
-        if order is None:
-            u = u.unsqueeze(1)
-        else:
-            index = order[0].view(1, K, 1, seqlen).expand(batch, K, d, seqlen)
-            u = u.unsqueeze(1).expand(batch, K, d, seqlen).gather(-1, index)
-        u = causal_conv1d_silu(
-            u.reshape(batch, K * d, seqlen), self.conv_weight.view(K * d, -1), self.conv_bias.view(-1))
-
-        x_dbl = torch.matmul(self.x_proj_weight.to(u.dtype), u.view(batch, K, d, seqlen))  # (B, K, R + 2N, L)
-        dt, B, C = x_dbl.split([R, N, N], dim=2)
-        delta = torch.matmul(self.dt_proj_weight.to(dt.dtype), dt)  # (B, K, d, L)
-        y = selective_scan(
-            u, delta.reshape(batch, K * d, seqlen), -torch.exp(self.A_log.float()).view(K * d, N), B, C,
-            D=self.D.view(-1), delta_bias=self.dt_proj_bias.view(-1), delta_softplus=True,
-        ).view(batch, K, d, seqlen)
-
-        if order is None:
-            y = y[:, 0]
-        else:
-            y = y.gather(-1, order[1].view(1, K, 1, seqlen).expand(batch, K, d, seqlen)).sum(1) / K
-        y = y.transpose(1, 2) * F.silu(xz[..., d:])
-        return self.out_proj(y)
+        y = scan_directions(
+            xz[..., :d], order, self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight,
+            self.dt_proj_bias, -torch.exp(self.A_log.float()), self.D)
+        return self.out_proj(y * F.silu(xz[..., d:]))
 
 
 class ArmBlock(nn.Module):

@@ -1,29 +1,33 @@
-""" The one place that chooses between the CUDA kernels, our Triton scan and the plain-PyTorch path.
+""" The one place that chooses between our Triton kernels, the mamba-ssm / causal-conv1d CUDA kernels and the
+plain-PyTorch path.
 
 Backend, in order of precedence: the ``backend`` argument, ``set_backend()``, the ``TIMM_ARM_BACKEND``
 environment variable, then ``'auto'``:
-    'auto':   for CUDA tensors mamba-ssm's scan / causal-conv1d's conv when installed; without mamba-ssm our
-              Triton scan (far faster and leaner than PyTorch on a GPU), without causal-conv1d PyTorch's conv
-              (both warn once); plain PyTorch for any other device
-    'cuda':   the mamba-ssm / causal-conv1d kernels, an error if they are missing or the tensors are not on a GPU
-    'triton': our Triton selective scan for CUDA tensors (tuned for vision lengths; the conv still takes the
-              causal-conv1d kernel when installed). 1.3x faster fwd+bwd than mamba-ssm's scan at L = 197 on an
-              H200, but it keeps (b, D, L/4, N) fp32 states for the backward (benchmarks/RESULTS.md)
+    'auto':   for CUDA tensors our Triton kernels (token-major, scan orders inside the kernels; the fastest
+              path, benchmarks/RESULTS.md); without triton mamba-ssm / causal-conv1d, without those plain
+              PyTorch (warns once); plain PyTorch for any other device
+    'triton': our Triton conv + scan, an error without triton or without CUDA tensors
+    'cuda':   the mamba-ssm / causal-conv1d kernels (channel-first, scan orders as gathers), an error if they
+              are missing or the tensors are not on a GPU
     'torch':  plain PyTorch everywhere
+
+``scan_directions`` is the mixer's core (conv, x / dt projections, scan over K directions) for every backend;
+``selective_scan`` and ``causal_conv1d_silu`` are the single ops in mamba-ssm's channel-first layout.
 """
 import functools
 import importlib.util
 import os
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .causal_conv1d import causal_conv1d_silu_cuda, causal_conv1d_silu_torch
 from .selective_scan import selective_scan_cuda_fn, selective_scan_torch
 
-__all__ = ['selective_scan', 'causal_conv1d_silu', 'set_backend', 'get_backend', 'resolve_backend', 'choose_backend',
+__all__ = ['scan_directions', 'selective_scan', 'causal_conv1d_silu', 'set_backend', 'get_backend', 'resolve_backend', 'choose_backend',
            'has_cuda_kernels']
 
 _BACKENDS = ('auto', 'cuda', 'torch', 'triton')
@@ -70,32 +74,33 @@ def choose_backend(name: str, on_gpu: bool, op: str, has_extension: bool, has_tr
             raise RuntimeError(
                 'timm_arm: backend "cuda" needs mamba-ssm and causal-conv1d (pip install timm-arm[cuda])')
         return 'cuda'
-    if name == 'triton' and op == 'scan':
+    if name == 'triton':
         if not has_triton:
             raise RuntimeError('timm_arm: backend "triton" needs triton installed')
+        return 'triton' if op == 'scan' else ('cuda' if has_extension else 'torch')
+    # 'auto' on a GPU: the Triton scan path (its conv is in Triton too), else the extensions, else PyTorch
+    if op == 'scan' and has_triton:
         return 'triton'
-    # 'auto' on a GPU, and the conv under 'triton'
-    if has_extension:
-        return 'cuda'
-    return 'triton' if op == 'scan' and has_triton else 'torch'
+    return 'cuda' if has_extension else 'torch'
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_missing_kernel(op: str, which: str) -> None:
     package = 'mamba-ssm' if op == 'scan' else 'causal-conv1d'
     warnings.warn(
-        f'timm_arm: CUDA tensors but {package} is not installed; the {op} runs on the {which} path '
-        f'({"slow" if which == "torch" else "fast"}). `pip install timm-arm[cuda]` installs the CUDA kernels.',
+        f'timm_arm: CUDA tensors but neither triton nor {package} is installed; the {op} runs on the slow '
+        f'{which} path. Install triton (it comes with torch on Linux) or `pip install timm-arm[cuda]`.',
         RuntimeWarning, stacklevel=4)
 
 
 def resolve_backend(x: torch.Tensor, backend: Optional[str] = None, op: str = 'conv') -> str:
     """Which implementation of ``op`` ('scan' or 'conv') runs for x: 'cuda', 'triton' or 'torch'."""
     name = _check(backend) if backend is not None else get_backend()
-    on_gpu = x.device.type == 'cuda'
+    # Triton's CPU interpreter (TRITON_INTERPRET=1) runs the Triton path on CPU tensors, when asked for by name
+    on_gpu = x.device.type == 'cuda' or (name == 'triton' and os.environ.get('TRITON_INTERPRET') == '1')
     has_extension = _importable(_EXTENSIONS[op])
     which = choose_backend(name, on_gpu, op, has_extension, _importable('triton'))
-    if on_gpu and name == 'auto' and not has_extension:
+    if on_gpu and name == 'auto' and which == 'torch':
         _warn_missing_kernel(op, which)
     return which
 
@@ -143,3 +148,58 @@ def causal_conv1d_silu(
     if resolve_backend(x, backend) == 'cuda':
         return causal_conv1d_silu_cuda(x, weight.to(x.dtype), bias.to(x.dtype))
     return causal_conv1d_silu_torch(x, weight.to(x.dtype), bias.to(x.dtype))
+
+
+def scan_directions(
+        x: torch.Tensor,
+        order: Optional[Tuple[torch.Tensor, torch.Tensor]],
+        conv_weight: torch.Tensor,
+        conv_bias: torch.Tensor,
+        x_proj_weight: torch.Tensor,
+        dt_proj_weight: torch.Tensor,
+        dt_proj_bias: torch.Tensor,
+        A: torch.Tensor,
+        D: torch.Tensor,
+        backend: Optional[str] = None,
+) -> torch.Tensor:
+    """The core of a K-direction Mamba mixer: from the in-projection's x half to the mean of the directions'
+    outputs, in token order (gating and out-projection are the caller's).
+
+    x: (b, L, d) tokens; order: (scan order, inverse), (K, L) index tensors (None: one direction in token order);
+    conv_weight: (K, d, W); conv_bias, dt_proj_bias, D: (K, d); x_proj_weight: (K, R + 2N, d);
+    dt_proj_weight: (K, d, R); A: (K, d, N). Per direction k, along its order:
+    u = silu(conv(x)); [dt, B, C] = x_proj(u); y = scan(u, dt_proj(dt), A, B, C, D, softplus(. + dt_proj_bias)).
+    """
+    batch, seqlen, d = x.shape
+    K, N = A.shape[0], A.shape[-1]
+    R = dt_proj_weight.shape[-1]
+    if resolve_backend(x, backend, op='scan') == 'triton':
+        from .triton_scan import causal_conv1d_silu_tokens, selective_scan_tokens
+        order_, inverse = order if order is not None else (None, None)
+        u = causal_conv1d_silu_tokens(x, conv_weight, conv_bias, order_, inverse)  # (b, K, L, d)
+        x_dbl = torch.matmul(u, x_proj_weight.transpose(1, 2).to(u.dtype))  # (b, K, L, R + 2N)
+        dt, B, C = x_dbl.split([R, N, N], dim=-1)
+        delta = torch.matmul(dt, dt_proj_weight.transpose(1, 2).to(dt.dtype))  # (b, K, L, d)
+        y = selective_scan_tokens(u, delta, A, B, C, D, dt_proj_bias, True, order_)
+        return y.sum(1) / K if K > 1 else y[:, 0]
+
+    # channel-first (mamba-ssm's layout): scan orders as gathers
+    u = x.transpose(1, 2)  # (b, d, L)
+    if order is None:
+        u = u.unsqueeze(1)
+    else:
+        index = order[0].view(1, K, 1, seqlen).expand(batch, K, d, seqlen)
+        u = u.unsqueeze(1).expand(batch, K, d, seqlen).gather(-1, index)
+    u = causal_conv1d_silu(u.reshape(batch, K * d, seqlen), conv_weight.view(K * d, -1), conv_bias.view(-1), backend)
+    x_dbl = torch.matmul(x_proj_weight.to(u.dtype), u.view(batch, K, d, seqlen))  # (b, K, R + 2N, L)
+    dt, B, C = x_dbl.split([R, N, N], dim=2)
+    delta = torch.matmul(dt_proj_weight.to(dt.dtype), dt)  # (b, K, d, L)
+    y = selective_scan(
+        u, delta.reshape(batch, K * d, seqlen), A.reshape(K * d, N), B, C, D=D.reshape(-1),
+        delta_bias=dt_proj_bias.reshape(-1), delta_softplus=True, backend=backend,
+    ).view(batch, K, d, seqlen)
+    if order is None:
+        y = y[:, 0]
+    else:
+        y = y.gather(-1, order[1].view(1, K, 1, seqlen).expand(batch, K, d, seqlen)).sum(1) / K
+    return y.transpose(1, 2)

@@ -1,29 +1,30 @@
-""" Selective scan in Triton, forward and backward, made for vision-length sequences (L up to ~1024).
+""" Selective scan and causal conv in Triton, forward and backward, made for vision-length sequences (L <= ~1024)
+and for several scan directions over one token sequence.
 
-Same semantics and shapes as ``selective_scan_torch`` (see ``timm_arm.ops.selective_scan``):
-    u, delta, z: (b, Dc, L);  A: (Dc, N);  B, C: (b, G, N, L);  D, delta_bias: (Dc,)
-    delta = softplus(delta + delta_bias);  h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t
-    y_t = <h_t, C_t> + D u_t;  out_t = y_t * silu(z_t)
+Token-major layout: activations are (b, K, L, d) -- batch, scan direction, token, channel -- with channels
+contiguous, exactly as the projections around the mixer produce them, so nothing is transposed. A direction's
+scan order is a row of ``order`` (K, L): step t of direction k reads and writes token ``order[k, t]``. Flips and
+grid transposes are therefore index arithmetic inside the kernels; no permuted copy is ever made.
 
-mamba-ssm's kernel is built for chunks of 2048 steps and is ~20x above its memory floor at L ~ 200. Here one
-program owns BLOCK_D channels x N states of one image and walks the sequence in chunks of T steps: it loads
-(T, BLOCK_D) tiles, builds the (T, N, BLOCK_D) decays and inputs, and runs tl.associative_scan along T, the
-chunk's first step taking the carried state. Channels are the fastest tile axis, so Triton's default layout
-puts channels across lanes and keeps T x N in each thread's registers: the scan and the sums over N run
-in-thread, with no shuffles. The state is fp32 throughout; inputs may be bf16 or fp32.
+Scan (same semantics as ``selective_scan_torch``, per direction k, channel c, along k's order):
+    delta = softplus(delta + delta_bias);  h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t;  y_t = <h_t, C_t> + D u_t
+One program owns BLOCK_D channels x N states of one (image, direction) and walks the sequence in chunks of T
+steps: (T, N, BLOCK_D) register tiles, tl.associative_scan along T, the chunk's first step taking the carried
+state. The state is fp32 throughout; inputs may be bf16 or fp32.
 
-The forward saves the state every T_bwd steps, (b, Dc, L/T_bwd, N) fp32. The backward walks chunks in
-reverse, recomputes the chunk's states from its saved start, and runs the adjoint
-    lam_t = C_t g_t + a_{t+1} lam_{t+1}        (g = dout * silu(z), a_t = exp(delta_t A))
-as a reverse associative scan (a_{t+1} comes from a second, shifted load of delta). With b_t = delta_t B_t u_t,
-a_t h_{t-1} = h_t - b_t, so no division and no exclusive scan is needed:
-    ddelta_t = sum_n lam_t ((h_t - b_t) A + u_t B_t),   du_t = delta_t sum_n lam_t B_t + D g_t,
-    dA = sum_{b,t} lam_t (h_t - b_t) delta_t,   dB_t = sum_{c in group} lam_t delta_t u_t,   dC_t = sum_c g_t h_t.
-Sums across programs (over the batch for dA, dD, ddelta_bias; over the channel blocks of a group for dB,
-dC) go through per-program fp32 partials reduced in PyTorch: deterministic, no atomics.
+The backward keeps nothing from the forward but its inputs: it first re-runs the recurrence, writing the state at
+every chunk start to a scratch buffer that lives only during this layer's backward, then walks the chunks in
+reverse, recomputes each chunk's states and runs the adjoint
+    lam_t = C_t y'_t + a_{t+1} lam_{t+1}        (a_t = exp(delta_t A); a_{t+1} from a second load one step later)
+as a reverse associative scan. With x_t = delta_t B_t u_t, a_t h_{t-1} = h_t - x_t (no division):
+    ddelta_t = sum_n lam_t ((h_t - x_t) A + u_t B_t),   du_t = delta_t sum_n lam_t B_t + D y'_t,
+    dA = sum_{b,t} lam_t (h_t - x_t) delta_t,   dB_t = sum_c lam_t delta_t u_t,   dC_t = sum_c y'_t h_t.
+Sums across programs (batch for dA / dD / dbias, channel blocks for dB / dC) go through fp32 partials reduced in
+PyTorch: deterministic, no atomics.
 
-Constraints: a block of channels lies inside one B/C group (blocks are laid out per group and masked, so any
-channel count works); N is padded to a power of two internally (masked).
+Conv: u[k, order[k, t]] = silu(bias_k + sum_j w_kj x[order[k, t - W + 1 + j]]) (zero before the first step),
+read straight from the in-projection's output. Its backward writes d(pre-activation) in scan order, then sums,
+for every token, the contributions of all K directions into one dx.
 """
 import math
 from typing import NamedTuple, Optional
@@ -38,13 +39,16 @@ except ImportError:  # pragma: no cover - the package works without triton, this
     triton = tl = None
     has_triton = False
 
-__all__ = ['selective_scan_triton', 'has_triton', 'ScanConfig', 'scan_config']
+__all__ = [
+    'selective_scan_triton', 'selective_scan_tokens', 'causal_conv1d_silu_tokens', 'has_triton', 'ScanConfig',
+    'scan_config']
+
 
 class ScanConfig(NamedTuple):
     T: int  # forward: time steps per chunk (power of two)
     block_d_fwd: int  # forward: channels per program
     warps_fwd: int
-    T_bwd: int  # backward: time steps per chunk, divides T (the forward saves the state every T_bwd steps)
+    T_bwd: int  # backward: time steps per chunk (power of two)
     block_d_bwd: int
     warps_bwd: int
 
@@ -53,15 +57,11 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def scan_config(channels_per_group: int, seqlen: int, d_state: int) -> ScanConfig:
-    """Tile sizes. Channels go across lanes, T steps x N states stay in each thread's registers.
-
-    Measured on an H200 at ARM-B's shape (b 128, 3072 channels in 4 groups, L 197, N 16, bf16): forward best at
-    T 8, 16 channels, 1 warp; backward (more live tiles, 255 registers) best at T 4, 16 channels, 1 warp.
-    """
+def scan_config(d_inner: int, seqlen: int, d_state: int) -> ScanConfig:
+    """Tile sizes: channels across lanes, T steps x N states in each thread's registers."""
     T = min(8, max(2, _pow2(seqlen)))
-    block_d = min(16, _pow2(channels_per_group))
-    return ScanConfig(T, block_d, 1, min(4, T), block_d, 1)
+    block_d = min(32, _pow2(d_inner))
+    return ScanConfig(T, block_d, 1, min(4, T), min(16, block_d), 1)
 
 
 if has_triton:
@@ -77,69 +77,69 @@ if has_triton:
         return tl.maximum(x, 0.) + tl.log(1. + tl.exp(-tl.abs(x)))
 
     @triton.jit
-    def _channel_block(pid_d, channels_per_group, BLOCK_D: tl.constexpr):
-        """Channels of this program's block: blocks are laid out per group, so one block reads one B/C group."""
-        blocks_per_group = tl.cdiv(channels_per_group, BLOCK_D)
-        group = pid_d // blocks_per_group
-        within = (pid_d % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
-        return group, group * channels_per_group + within, within < channels_per_group
+    def _positions(order_ptr, k, t, seqlen, HAS_ORDER: tl.constexpr):
+        """Token index of scan steps t of direction k (int64; 0 where t is out of range)."""
+        if HAS_ORDER:
+            pos = tl.load(order_ptr + k * seqlen + t, mask=(t >= 0) & (t < seqlen), other=0)
+        else:
+            pos = tl.where((t >= 0) & (t < seqlen), t, 0)
+        return pos.to(tl.int64)
+
+    @triton.jit
+    def _delta(dt_base, pos, stride_l, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        """Discretisation step for a (T, BLOCK_D) tile: softplus(delta + bias), 0 where masked. Also returns the
+        pre-softplus value (for the backward)."""
+        raw = tl.load(dt_base + pos[:, None] * stride_l, mask=mask, other=0.).to(tl.float32)
+        if HAS_BIAS:
+            raw += bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(raw)
+        else:
+            dt = raw
+        return tl.where(mask, dt, 0.), raw  # padded steps: decay 1, input 0
 
     @triton.jit
     def _scan_fwd_kernel(
-            u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
-            stride_u_b, stride_u_d, stride_dt_b, stride_dt_d, stride_z_b, stride_z_d,
-            stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
-            seqlen, channels, channels_per_group, d_state, num_chunks,
+            u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, order_ptr, y_ptr,
+            su_b, su_k, su_l, su_d, sdt_b, sdt_k, sdt_l, sdt_d,
+            sB_b, sB_k, sB_l, sB_n, sC_b, sC_k, sC_l, sC_n,
+            seqlen, d_inner, d_state,
             NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
-            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-            SAVE_STATES: tl.constexpr, S: tl.constexpr,
+            HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
-        # register tiles are (T, NP, BLOCK_D): channels fastest, so the default layout puts channels across
-        # lanes and keeps the chunk's steps (and states) in each thread's registers: the scan runs in-thread
-        pid_d, pid_b = tl.program_id(0), tl.program_id(1)
-        group, offs_d, mask_d = _channel_block(pid_d, channels_per_group, BLOCK_D)
+        pid_d, k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        num_dirs = tl.num_programs(1)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d_inner
         offs_n = tl.arange(0, NP)
         mask_n = offs_n < d_state
         offs_t = tl.arange(0, T)
-        mask_nd = mask_n[:, None] & mask_d[None, :]
+        row = k * d_inner + offs_d  # channel row of the (K * d) stacked parameters
 
         # exp(delta A) = exp2(delta A log2 e)
-        A2 = tl.load(A_ptr + offs_d[None, :] * d_state + offs_n[:, None], mask=mask_nd,
+        A2 = tl.load(A_ptr + row[None, :] * d_state + offs_n[:, None], mask=mask_n[:, None] & mask_d[None, :],
                      other=0.).to(tl.float32) * 1.4426950408889634
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
+        Dv = tl.load(D_ptr + row, mask=mask_d & HAS_D, other=0.).to(tl.float32)
+        bias = tl.load(bias_ptr + row, mask=mask_d & HAS_BIAS, other=0.).to(tl.float32)
 
-        b64 = pid_b.to(tl.int64)
-        d64 = offs_d[None, :].to(tl.int64)
-        u_base = u_ptr + b64 * stride_u_b + d64 * stride_u_d
-        dt_base = delta_ptr + b64 * stride_dt_b + d64 * stride_dt_d
-        z_base = z_ptr + b64 * stride_z_b + d64 * stride_z_d
-        out_base = out_ptr + (b64 * channels + d64) * seqlen
-        B_base = B_ptr + b64 * stride_B_b + group * stride_B_g + offs_n[None, :] * stride_B_n
-        C_base = C_ptr + b64 * stride_C_b + group * stride_C_g + offs_n[None, :] * stride_C_n
-        # states at every S-th step (the backward's chunk starts): (b, Dc, cdiv(L, S), NP)
-        num_saved = tl.cdiv(seqlen, S)
-        st_base = states_ptr + ((b64 * channels + d64) * num_saved) * NP + offs_n[:, None]
+        b64, k64 = b.to(tl.int64), k.to(tl.int64)
+        u_base = u_ptr + b64 * su_b + k64 * su_k + offs_d[None, :] * su_d
+        dt_base = dt_ptr + b64 * sdt_b + k64 * sdt_k + offs_d[None, :] * sdt_d
+        B_base = B_ptr + b64 * sB_b + k64 * sB_k + offs_n[None, :] * sB_n
+        C_base = C_ptr + b64 * sC_b + k64 * sC_k + offs_n[None, :] * sC_n
+        y_base = y_ptr + (b64 * num_dirs + k64) * seqlen * d_inner + offs_d[None, :]
 
         h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
-        for c in range(num_chunks):
-            if SAVE_STATES:
-                tl.store(st_base + c * (T // S) * NP, h, mask=mask_d[None, :])
+        for c in range(tl.cdiv(seqlen, T)):
             t = c * T + offs_t
             mask_t = t < seqlen
+            pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
             mask = mask_t[:, None] & mask_d[None, :]
-            u = tl.load(u_base + t[:, None], mask=mask, other=0.).to(tl.float32)
-            dt = tl.load(dt_base + t[:, None], mask=mask, other=0.).to(tl.float32)
-            if HAS_BIAS:
-                dt += bias[None, :]
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(mask, dt, 0.)  # padded steps: decay 1, input 0
+            u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
+            dt, _ = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
             mask_tn = mask_t[:, None] & mask_n[None, :]
-            Bt = tl.load(B_base + t[:, None], mask=mask_tn, other=0.).to(tl.float32)
-            Ct = tl.load(C_base + t[:, None], mask=mask_tn, other=0.).to(tl.float32)
+            Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_tn, other=0.).to(tl.float32)
+            Ct = tl.load(C_base + pos[:, None] * sC_l, mask=mask_tn, other=0.).to(tl.float32)
 
             a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BLOCK_D)
             x = (dt * u)[:, None, :] * Bt[:, :, None]
@@ -147,59 +147,72 @@ if has_triton:
             x = tl.where(offs_t[:, None, None] == 0, x + a * h[None, :, :], x)
             _, hs = tl.associative_scan((a, x), 0, _combine)
             h = tl.sum(tl.where(offs_t[:, None, None] == T - 1, hs, 0.), axis=0)
-            if SAVE_STATES:
-                for j in tl.static_range(1, T // S):
-                    hj = tl.sum(tl.where(offs_t[:, None, None] == j * S - 1, hs, 0.), axis=0)
-                    idx = c * (T // S) + j
-                    tl.store(st_base + idx * NP, hj, mask=mask_d[None, :] & (idx < num_saved))
 
             y = tl.sum(hs * Ct[:, :, None], axis=1)  # (T, BLOCK_D)
             if HAS_D:
                 y += Dv[None, :] * u
-            if HAS_Z:
-                zv = tl.load(z_base + t[:, None], mask=mask, other=0.).to(tl.float32)
-                y = y * zv * tl.sigmoid(zv)
-            tl.store(out_base + t[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_base + pos[:, None] * d_inner, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scan_bwd_kernel(
-            u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr,
-            du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
-            stride_u_b, stride_u_d, stride_dt_b, stride_dt_d, stride_z_b, stride_z_d, stride_do_b, stride_do_d,
-            stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
-            seqlen, channels, channels_per_group, d_state, num_chunks, num_blocks,
+            u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, order_ptr, dy_ptr, states_ptr,
+            du_ptr, ddt_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
+            su_b, su_k, su_l, su_d, sdt_b, sdt_k, sdt_l, sdt_d,
+            sB_b, sB_k, sB_l, sB_n, sC_b, sC_k, sC_l, sC_n, sdy_b, sdy_k, sdy_l, sdy_d,
+            seqlen, d_inner, d_state,
             NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
-            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+            HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
-        pid_d, pid_b = tl.program_id(0), tl.program_id(1)
-        group, offs_d, mask_d = _channel_block(pid_d, channels_per_group, BLOCK_D)
+        pid_d, k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        num_blocks, num_dirs = tl.num_programs(0), tl.num_programs(1)
+        num_chunks = tl.cdiv(seqlen, T)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d_inner
         offs_n = tl.arange(0, NP)
         mask_n = offs_n < d_state
         offs_t = tl.arange(0, T)
+        row = k * d_inner + offs_d
         mask_nd = mask_n[:, None] & mask_d[None, :]
 
-        A = tl.load(A_ptr + offs_d[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.).to(tl.float32)
+        A = tl.load(A_ptr + row[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.).to(tl.float32)
         A2 = A * 1.4426950408889634
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
+        Dv = tl.load(D_ptr + row, mask=mask_d & HAS_D, other=0.).to(tl.float32)
+        bias = tl.load(bias_ptr + row, mask=mask_d & HAS_BIAS, other=0.).to(tl.float32)
 
-        b64 = pid_b.to(tl.int64)
-        d64 = offs_d[None, :].to(tl.int64)
-        u_base = u_ptr + b64 * stride_u_b + d64 * stride_u_d
-        dt_base = delta_ptr + b64 * stride_dt_b + d64 * stride_dt_d
-        z_base = z_ptr + b64 * stride_z_b + d64 * stride_z_d
-        do_base = dout_ptr + b64 * stride_do_b + d64 * stride_do_d
-        out_off = (b64 * channels + d64) * seqlen  # du, ddelta, dz: contiguous (b, Dc, L)
-        B_base = B_ptr + b64 * stride_B_b + group * stride_B_g + offs_n[None, :] * stride_B_n
-        C_base = C_ptr + b64 * stride_C_b + group * stride_C_g + offs_n[None, :] * stride_C_n
-        st_base = states_ptr + ((b64 * channels + d64) * num_chunks) * NP + offs_n[:, None]
-        # dB, dC partials: (b, num_blocks, NP, L) fp32, one slice per program
-        part_base = ((b64 * num_blocks + pid_d) * NP + offs_n[None, :]) * seqlen
-
+        b64, k64 = b.to(tl.int64), k.to(tl.int64)
+        bk = b64 * num_dirs + k64
+        u_base = u_ptr + b64 * su_b + k64 * su_k + offs_d[None, :] * su_d
+        dt_base = dt_ptr + b64 * sdt_b + k64 * sdt_k + offs_d[None, :] * sdt_d
+        dy_base = dy_ptr + b64 * sdy_b + k64 * sdy_k + offs_d[None, :] * sdy_d
+        B_base = B_ptr + b64 * sB_b + k64 * sB_k + offs_n[None, :] * sB_n
+        C_base = C_ptr + b64 * sC_b + k64 * sC_k + offs_n[None, :] * sC_n
+        out_base = bk * seqlen * d_inner + offs_d[None, :]  # du, ddelta: contiguous (b, K, L, d)
+        # chunk-start states (b, K, chunks, NP, d), fp32; dB / dC partials (b, K, blocks, L, NP), fp32
+        st_base = states_ptr + bk * num_chunks * NP * d_inner + offs_n[:, None] * d_inner + offs_d[None, :]
+        part_base = ((bk * num_blocks + pid_d) * seqlen) * NP + offs_n[None, :]
         first = offs_t[:, None, None] == 0
         last = offs_t[:, None, None] == T - 1
+
+        # pass 1: re-run the recurrence, keeping the state at every chunk start
+        h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
+        for c in range(num_chunks):
+            tl.store(st_base + c * NP * d_inner, h, mask=mask_nd)
+            t = c * T + offs_t
+            mask_t = t < seqlen
+            pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
+            mask = mask_t[:, None] & mask_d[None, :]
+            u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
+            dt, _ = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_t[:, None] & mask_n[None, :], other=0.).to(
+                tl.float32)
+            a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+            x = (dt * u)[:, None, :] * Bt[:, :, None]
+            x = tl.where(first, x + a * h[None, :, :], x)
+            _, hs = tl.associative_scan((a, x), 0, _combine)
+            h = tl.sum(tl.where(last, hs, 0.), axis=0)
+        tl.debug_barrier()  # the states written above are read back below, possibly by other threads
+
+        # pass 2: chunks in reverse
         lam_next = tl.zeros((NP, BLOCK_D), dtype=tl.float32)  # lam at the first step of the later chunk
         dA_acc = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -208,47 +221,26 @@ if has_triton:
             c = num_chunks - 1 - ci
             t = c * T + offs_t
             mask_t = t < seqlen
+            pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
+            pos1 = _positions(order_ptr, k, t + 1, seqlen, HAS_ORDER)  # one step later: the adjoint's decay
             mask = mask_t[:, None] & mask_d[None, :]
-            u = tl.load(u_base + t[:, None], mask=mask, other=0.).to(tl.float32)
-            dt_raw = tl.load(dt_base + t[:, None], mask=mask, other=0.).to(tl.float32)
-            # delta one step later: the adjoint's decay a_{t+1}
             mask1 = (t + 1 < seqlen)[:, None] & mask_d[None, :]
-            dt1 = tl.load(dt_base + t[:, None] + 1, mask=mask1, other=0.).to(tl.float32)
-            if HAS_BIAS:
-                dt_raw += bias[None, :]
-                dt1 += bias[None, :]
-            if SOFTPLUS:
-                dt = _softplus(dt_raw)
-                dt1 = _softplus(dt1)
-            else:
-                dt = dt_raw
-            dt = tl.where(mask, dt, 0.)
-            dt1 = tl.where(mask1, dt1, 0.)
+            u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
+            dt, dt_raw = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+            dt1, _ = _delta(dt_base, pos1, sdt_l, mask1, bias, HAS_BIAS, SOFTPLUS)
             mask_tn = mask_t[:, None] & mask_n[None, :]
-            Bt = tl.load(B_base + t[:, None], mask=mask_tn, other=0.).to(tl.float32)
-            Ct = tl.load(C_base + t[:, None], mask=mask_tn, other=0.).to(tl.float32)
+            Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_tn, other=0.).to(tl.float32)
+            Ct = tl.load(C_base + pos[:, None] * sC_l, mask=mask_tn, other=0.).to(tl.float32)
+            g = tl.load(dy_base + pos[:, None] * sdy_l, mask=mask, other=0.).to(tl.float32)
 
-            # recompute the chunk's states from its saved start
-            h0 = tl.load(st_base + c * NP, mask=mask_d[None, :], other=0.)
+            # the chunk's states from its saved start
+            h0 = tl.load(st_base + c * NP * d_inner, mask=mask_nd, other=0.)
             a = tl.exp2(dt[:, None, :] * A2[None, :, :])
             dtu = dt * u
             x = dtu[:, None, :] * Bt[:, :, None]
             _, hs = tl.associative_scan((a, tl.where(first, x + a * h0[None, :, :], x)), 0, _combine)
 
-            dout = tl.load(do_base + t[:, None], mask=mask, other=0.).to(tl.float32)
-            if HAS_Z:
-                zv = tl.load(z_base + t[:, None], mask=mask, other=0.).to(tl.float32)
-                sz = tl.sigmoid(zv)
-                g = dout * zv * sz
-                y = tl.sum(hs * Ct[:, :, None], axis=1)
-                if HAS_D:
-                    y += Dv[None, :] * u
-                dz = dout * y * sz * (1. + zv * (1. - sz))
-                tl.store(dz_ptr + out_off + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=mask)
-            else:
-                g = dout
-
-            # adjoint: lam_t = C_t g_t + a_{t+1} lam_{t+1}, the chunk's last step takes the later chunk's lam
+            # adjoint, the chunk's last step taking the later chunk's lam
             a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
             beta = g[:, None, :] * Ct[:, :, None]
             beta = tl.where(last, beta + a1 * lam_next[None, :, :], beta)
@@ -267,115 +259,233 @@ if has_triton:
                 ddt = ddt * tl.sigmoid(dt_raw)
             ddt = tl.where(mask, ddt, 0.)
             dbias_acc += tl.sum(ddt, axis=0)
-            tl.store(du_ptr + out_off + t[:, None], du.to(du_ptr.dtype.element_ty), mask=mask)
-            tl.store(ddelta_ptr + out_off + t[:, None], ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+            tl.store(du_ptr + out_base + pos[:, None] * d_inner, du.to(du_ptr.dtype.element_ty), mask=mask)
+            tl.store(ddt_ptr + out_base + pos[:, None] * d_inner, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
 
             dB = tl.sum(lam * dtu[:, None, :], axis=2)  # (T, NP); masked channels have dt = 0
             dC = tl.sum(hs * g[:, None, :], axis=2)  # masked channels have g = 0
-            tl.store(dB_ptr + part_base + t[:, None], dB, mask=mask_t[:, None])
-            tl.store(dC_ptr + part_base + t[:, None], dC, mask=mask_t[:, None])
+            tl.store(dB_ptr + part_base + pos[:, None] * NP, dB, mask=mask_t[:, None])
+            tl.store(dC_ptr + part_base + pos[:, None] * NP, dC, mask=mask_t[:, None])
 
-        row = b64 * channels + offs_d
-        tl.store(dA_ptr + row[None, :] * NP + offs_n[:, None], dA_acc, mask=mask_nd)
+        row64 = b64 * num_dirs * d_inner + row
+        tl.store(dA_ptr + row64[None, :] * NP + offs_n[:, None], dA_acc, mask=mask_nd)
         if HAS_D:
-            tl.store(dD_ptr + row, dD_acc, mask=mask_d)
+            tl.store(dD_ptr + row64, dD_acc, mask=mask_d)
         if HAS_BIAS:
-            tl.store(dbias_ptr + row, dbias_acc, mask=mask_d)
+            tl.store(dbias_ptr + row64, dbias_acc, mask=mask_d)
+
+    @triton.jit
+    def _conv_pre(x_base, order_ptr, w_ptr, bias_ptr, k, t, row, mask_t, mask_d, sx_l, seqlen,
+                  W: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Pre-activation of the causal conv at scan steps t of direction k: (BLOCK_T, BLOCK_D) fp32."""
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        acc += tl.load(bias_ptr + row, mask=mask_d, other=0.).to(tl.float32)[None, :]
+        for j in tl.static_range(W):
+            src = t - (W - 1) + j
+            valid = mask_t & (src >= 0)
+            psrc = _positions(order_ptr, k, src, seqlen, HAS_ORDER)
+            xv = tl.load(x_base + psrc[:, None] * sx_l, mask=valid[:, None] & mask_d[None, :], other=0.)
+            acc += xv.to(tl.float32) * tl.load(w_ptr + row * W + j, mask=mask_d, other=0.).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _conv_fwd(
+            x_ptr, w_ptr, bias_ptr, order_ptr, u_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs,
+            W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
+    ):
+        pid_d, pid_t, bk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, k = bk // num_dirs, bk % num_dirs
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d_inner
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask_t = t < seqlen
+        row = k * d_inner + offs_d
+        x_base = x_ptr + b.to(tl.int64) * sx_b + offs_d[None, :]
+        pre = _conv_pre(x_base, order_ptr, w_ptr, bias_ptr, k, t, row, mask_t, mask_d, sx_l, seqlen,
+                        W, HAS_ORDER, BLOCK_T, BLOCK_D)
+        out = pre * tl.sigmoid(pre)
+        pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
+        u_base = u_ptr + bk.to(tl.int64) * seqlen * d_inner + offs_d[None, :]
+        tl.store(u_base + pos[:, None] * d_inner, out.to(u_ptr.dtype.element_ty),
+                 mask=mask_t[:, None] & mask_d[None, :])
+
+    @triton.jit
+    def _conv_bwd_pre(
+            x_ptr, w_ptr, bias_ptr, order_ptr, du_ptr, dpre_ptr, dw_ptr,
+            sx_b, sx_l, sdu_b, sdu_k, sdu_l, seqlen, d_inner, num_dirs,
+            W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
+    ):
+        """d(pre-activation) in scan order, and per-program partial sums of dw (W rows) and dbias (row W)."""
+        pid_d, pid_t, bk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, k = bk // num_dirs, bk % num_dirs
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d_inner
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask_t = t < seqlen
+        mask = mask_t[:, None] & mask_d[None, :]
+        row = k * d_inner + offs_d
+        x_base = x_ptr + b.to(tl.int64) * sx_b + offs_d[None, :]
+        pre = _conv_pre(x_base, order_ptr, w_ptr, bias_ptr, k, t, row, mask_t, mask_d, sx_l, seqlen,
+                        W, HAS_ORDER, BLOCK_T, BLOCK_D)
+        pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
+        g = tl.load(du_ptr + b.to(tl.int64) * sdu_b + k * sdu_k + pos[:, None] * sdu_l + offs_d[None, :],
+                    mask=mask, other=0.).to(tl.float32)
+        s = tl.sigmoid(pre)
+        dpre = tl.where(mask, g * s * (1. + pre * (1. - s)), 0.)
+        tl.store(dpre_ptr + bk.to(tl.int64) * seqlen * d_inner + t[:, None] * d_inner + offs_d[None, :], dpre,
+                 mask=mask)
+        part = dw_ptr + ((bk * tl.num_programs(1) + pid_t) * (W + 1)) * d_inner + offs_d
+        for j in tl.static_range(W):
+            src = t - (W - 1) + j
+            valid = mask_t & (src >= 0)
+            psrc = _positions(order_ptr, k, src, seqlen, HAS_ORDER)
+            xv = tl.load(x_base + psrc[:, None] * sx_l, mask=valid[:, None] & mask_d[None, :], other=0.)
+            tl.store(part + j * d_inner, tl.sum(dpre * xv.to(tl.float32), axis=0), mask=mask_d)
+        tl.store(part + W * d_inner, tl.sum(dpre, axis=0), mask=mask_d)
+
+    @triton.jit
+    def _conv_bwd_dx(
+            dpre_ptr, w_ptr, inverse_ptr, dx_ptr, seqlen, d_inner, num_dirs,
+            W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
+    ):
+        """dx at each token: sum over directions and taps of w * d(pre-activation) of the steps that read it."""
+        pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d_inner
+        p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # tokens
+        mask_p = p < seqlen
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for k in range(num_dirs):
+            s = _positions(inverse_ptr, k, p, seqlen, HAS_ORDER)  # the scan step at which direction k reads p
+            dpre_base = dpre_ptr + (b.to(tl.int64) * num_dirs + k) * seqlen * d_inner + offs_d[None, :]
+            row = k * d_inner + offs_d
+            for j in tl.static_range(W):
+                step = s + (W - 1) - j  # the step whose tap j reads token p
+                valid = mask_p & (step < seqlen)
+                g = tl.load(dpre_base + step[:, None] * d_inner, mask=valid[:, None] & mask_d[None, :], other=0.)
+                acc += g * tl.load(w_ptr + row * W + j, mask=mask_d, other=0.).to(tl.float32)[None, :]
+        tl.store(dx_ptr + (b.to(tl.int64) * seqlen + p[:, None]) * d_inner + offs_d[None, :],
+                 acc.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
 
 
 _last_kernels = {}  # the latest compiled kernels, for benchmarks (registers, spills)
 
 
-def _lastdim_contiguous(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _channels_last(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-def _num_blocks(channels: int, groups: int, block_d: int) -> int:
-    return groups * math.ceil(channels // groups / block_d)
+def _scan_forward(u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanConfig):
+    batch, num_dirs, seqlen, d_inner = u.shape
+    d_state = A.shape[-1]
+    y = torch.empty((batch, num_dirs, seqlen, d_inner), device=u.device, dtype=u.dtype)
+    grid = (triton.cdiv(d_inner, cfg.block_d_fwd), num_dirs, batch)
+    _last_kernels['scan_fwd'] = _scan_fwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
+        order if order is not None else A, y,
+        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), seqlen, d_inner, d_state,
+        NP=_pow2(d_state), BLOCK_D=cfg.block_d_fwd, T=cfg.T, HAS_D=D is not None,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_fwd)
+    return y
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg: ScanConfig, save_states: bool):
-    batch, channels, seqlen = u.shape
-    groups, d_state = B.shape[1], A.shape[1]
+def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanConfig):
+    batch, num_dirs, seqlen, d_inner = u.shape
+    d_state = A.shape[-1]
     np_ = _pow2(d_state)
-    num_chunks = triton.cdiv(seqlen, cfg.T)
-    if cfg.T % cfg.T_bwd:
-        raise ValueError(f'selective_scan_triton: T_bwd {cfg.T_bwd} must divide T {cfg.T}')
-    out = torch.empty((batch, channels, seqlen), device=u.device, dtype=u.dtype)
-    states = torch.empty((batch, channels, triton.cdiv(seqlen, cfg.T_bwd), np_) if save_states else (1,),
-                         device=u.device, dtype=torch.float32)
-    zz = z if z is not None else u
-    grid = (_num_blocks(channels, groups, cfg.block_d_fwd), batch)
-    _last_kernels['fwd'] = _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, out, states,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        seqlen, channels, channels // groups, d_state, num_chunks,
-        NP=np_, BLOCK_D=cfg.block_d_fwd, T=cfg.T,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        SAVE_STATES=save_states, S=cfg.T_bwd, num_warps=cfg.warps_fwd,
-    )
-    return out, states
-
-
-def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, cfg: ScanConfig):
-    batch, channels, seqlen = u.shape
-    groups, d_state = B.shape[1], A.shape[1]
-    np_ = _pow2(d_state)
+    num_blocks = triton.cdiv(d_inner, cfg.block_d_bwd)
     num_chunks = triton.cdiv(seqlen, cfg.T_bwd)
-    num_blocks = _num_blocks(channels, groups, cfg.block_d_bwd)
-    dev = u.device
-    du = torch.empty((batch, channels, seqlen), device=dev, dtype=u.dtype)
-    ddelta = torch.empty((batch, channels, seqlen), device=dev, dtype=delta.dtype)
-    dz = torch.empty((batch, channels, seqlen), device=dev, dtype=z.dtype) if z is not None else None
-    dA = torch.empty((batch, channels, np_), device=dev, dtype=torch.float32)
-    dD = torch.empty((batch, channels), device=dev, dtype=torch.float32) if D is not None else None
-    dbias = torch.empty((batch, channels), device=dev, dtype=torch.float32) if delta_bias is not None else None
-    dB = torch.empty((batch, num_blocks, np_, seqlen), device=dev, dtype=torch.float32)
+    dev, f32 = u.device, torch.float32
+    states = torch.empty((batch, num_dirs, num_chunks, np_, d_inner), device=dev, dtype=f32)
+    du = torch.empty((batch, num_dirs, seqlen, d_inner), device=dev, dtype=u.dtype)
+    ddelta = torch.empty((batch, num_dirs, seqlen, d_inner), device=dev, dtype=delta.dtype)
+    dA = torch.empty((batch, num_dirs * d_inner, np_), device=dev, dtype=f32)
+    dD = torch.empty((batch, num_dirs * d_inner), device=dev, dtype=f32) if D is not None else None
+    dbias = torch.empty((batch, num_dirs * d_inner), device=dev, dtype=f32) if delta_bias is not None else None
+    dB = torch.empty((batch, num_dirs, num_blocks, seqlen, np_), device=dev, dtype=f32)
     dC = torch.empty_like(dB)
-    zz = z if z is not None else u
-    grid = (num_blocks, batch)
-    _last_kernels['bwd'] = _scan_bwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, dout, states,
-        du, ddelta, dz if dz is not None else du, dA, dD if dD is not None else dA,
-        dbias if dbias is not None else dA, dB, dC,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-        dout.stride(0), dout.stride(1),
-        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        seqlen, channels, channels // groups, d_state, num_chunks, num_blocks,
-        NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        num_warps=cfg.warps_bwd,
-    )
-    dA = dA.sum(0)[:, :d_state]
-    dB = dB.view(batch, groups, num_blocks // groups, np_, seqlen).sum(2)[:, :, :d_state]
-    dC = dC.view(batch, groups, num_blocks // groups, np_, seqlen).sum(2)[:, :, :d_state]
-    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            dD.sum(0).to(D.dtype) if D is not None else None, dz,
-            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None)
+    grid = (num_blocks, num_dirs, batch)
+    _last_kernels['scan_bwd'] = _scan_bwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
+        order if order is not None else A, dy, states,
+        du, ddelta, dA, dD if dD is not None else dA, dbias if dbias is not None else dA, dB, dC,
+        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), seqlen, d_inner, d_state,
+        NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, HAS_D=D is not None,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd)
+    dA = dA.sum(0)[:, :d_state].reshape(A.shape)
+    dB = dB.sum(2)[..., :d_state]
+    dC = dC.sum(2)[..., :d_state]
+    return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype),
+            dD.sum(0).view(D.shape).to(D.dtype) if D is not None else None,
+            dbias.sum(0).view(delta_bias.shape).to(delta_bias.dtype) if delta_bias is not None else None)
 
 
-class _SelectiveScanTriton(torch.autograd.Function):
+class _ScanTokens(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg):
-        u, delta, B, C, z = (_lastdim_contiguous(t) for t in (u, delta, B, C, z))
-        A = A.contiguous()
-        D = D.contiguous() if D is not None else None
-        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-        save = any(ctx.needs_input_grad[:8])
-        out, states = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg, save)
-        if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
-            ctx.delta_softplus, ctx.cfg = delta_softplus, cfg
-        return out
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, softplus, order, cfg):
+        u, delta, B, C = (_channels_last(t) for t in (u, delta, B, C))
+        y = _scan_forward(u, delta, A, B, C, D, delta_bias, softplus, order, cfg)
+        if any(ctx.needs_input_grad[:7]):
+            ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, order)
+            ctx.softplus, ctx.cfg = softplus, cfg
+        return y
 
     @staticmethod
-    def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        grads = _backward(_lastdim_contiguous(dout), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
-                          states, ctx.cfg)
-        return grads + (None, None)
+    def backward(ctx, dy):
+        u, delta, A, B, C, D, delta_bias, order = ctx.saved_tensors
+        grads = _scan_backward(_channels_last(dy), u, delta, A, B, C, D, delta_bias, ctx.softplus, order, ctx.cfg)
+        dA = grads[2].to(A.dtype)
+        return grads[:2] + (dA,) + grads[3:] + (None, None, None)
+
+
+def _check_order(order: Optional[torch.Tensor], num_dirs: int, seqlen: int, name: str = 'order'):
+    if order is None:
+        return None
+    if order.shape != (num_dirs, seqlen):
+        raise ValueError(f'selective_scan: {name} must be (directions, L) = {(num_dirs, seqlen)}, got '
+                         f'{tuple(order.shape)}')
+    return order.to(torch.int32).contiguous()
+
+
+def selective_scan_tokens(
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: Optional[torch.Tensor] = None,
+        delta_bias: Optional[torch.Tensor] = None,
+        delta_softplus: bool = False,
+        order: Optional[torch.Tensor] = None,
+        config: Optional[ScanConfig] = None,
+) -> torch.Tensor:
+    """Selective scan of K directions over one token sequence, token-major (see the module docstring).
+
+    u, delta: (b, K, L, d);  A: (K, d, N);  B, C: (b, K, L, N);  D, delta_bias: (K, d);  order: (K, L) token
+    index of each scan step (None: token order). Any strides with channels (and states) contiguous are read as
+    they are. Returns y (b, K, L, d) in u's dtype, y[:, k, p] being direction k's output at token p.
+    """
+    if not has_triton:
+        raise RuntimeError('timm_arm: the triton selective scan needs triton installed')
+    batch, num_dirs, seqlen, d_inner = u.shape
+    d_state = A.shape[-1]
+    if delta.shape != u.shape:
+        raise ValueError(f'selective_scan: delta must be shaped like u {tuple(u.shape)}, got {tuple(delta.shape)}')
+    if A.shape != (num_dirs, d_inner, d_state):
+        raise ValueError(f'selective_scan: A must be (K, d, N) = {(num_dirs, d_inner, d_state)}, got {tuple(A.shape)}')
+    if B.shape != (batch, num_dirs, seqlen, d_state) or C.shape != B.shape:
+        raise ValueError(f'selective_scan: B, C must be {(batch, num_dirs, seqlen, d_state)}, got '
+                         f'{tuple(B.shape)}, {tuple(C.shape)}')
+    for name, p in (('D', D), ('delta_bias', delta_bias)):
+        if p is not None and p.numel() != num_dirs * d_inner:
+            raise ValueError(f'selective_scan: {name} must have K * d = {num_dirs * d_inner} values')
+    order = _check_order(order, num_dirs, seqlen)
+    cfg = config or scan_config(d_inner, seqlen, d_state)
+    A = A.float().contiguous()
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    return _ScanTokens.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, order, cfg)
 
 
 def selective_scan_triton(
@@ -390,14 +500,90 @@ def selective_scan_triton(
         delta_softplus: bool = False,
         config: Optional[ScanConfig] = None,
 ) -> torch.Tensor:
-    """Triton selective scan with fp32 state; output in u's dtype, gradients in each input's dtype."""
-    if not has_triton:
-        raise RuntimeError('timm_arm: the triton selective scan needs triton installed')
+    """The Triton scan in mamba-ssm's channel-first layout (``selective_scan_torch``'s shapes): u, delta, z
+    (b, G*d, L), B, C (b, G, N, L), A (G*d, N). Reads the inputs through strided views (no copies); the gate
+    silu(z) is applied on the output."""
     batch, channels, seqlen = u.shape
     groups, d_state = B.shape[1], A.shape[1]
     if channels % groups:
         raise ValueError(f'selective_scan: {channels} channels cannot be split into {groups} groups of B/C')
     if B.shape != (batch, groups, d_state, seqlen) or C.shape != B.shape:
         raise ValueError(f'selective_scan: B, C must be {(batch, groups, d_state, seqlen)}, got {B.shape}, {C.shape}')
-    cfg = config or scan_config(channels // groups, seqlen, d_state)
-    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg)
+    d = channels // groups
+    tokens = lambda t: t.unflatten(1, (groups, d)).transpose(2, 3)  # (b, G, L, d)
+    y = selective_scan_tokens(
+        tokens(u), tokens(delta), A.view(groups, d, d_state), B.transpose(2, 3), C.transpose(2, 3),
+        D.view(groups, d) if D is not None else None, delta_bias.view(groups, d) if delta_bias is not None else None,
+        delta_softplus, None, config)
+    y = y.transpose(2, 3).reshape(batch, channels, seqlen)
+    if z is not None:
+        y = (y.float() * torch.nn.functional.silu(z.float())).to(u.dtype)
+    return y
+
+
+CONV_BLOCK_T, CONV_BLOCK_D = 32, 64
+
+
+class _ConvTokens(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, order, inverse):
+        batch, seqlen, d_inner = x.shape
+        num_dirs, _, width = weight.shape
+        u = torch.empty((batch, num_dirs, seqlen, d_inner), device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(d_inner, CONV_BLOCK_D), triton.cdiv(seqlen, CONV_BLOCK_T), batch * num_dirs)
+        _conv_fwd[grid](x, weight, bias, order if order is not None else weight, u, x.stride(0), x.stride(1),
+                        seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D,
+                        HAS_ORDER=order is not None, num_warps=4)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(x, weight, bias, order, inverse)
+        return u
+
+    @staticmethod
+    def backward(ctx, du):
+        x, weight, bias, order, inverse = ctx.saved_tensors
+        du = _channels_last(du)
+        batch, seqlen, d_inner = x.shape
+        num_dirs, _, width = weight.shape
+        t_blocks = triton.cdiv(seqlen, CONV_BLOCK_T)
+        f32 = torch.float32
+        dpre = torch.empty((batch, num_dirs, seqlen, d_inner), device=x.device, dtype=f32)
+        dw = torch.empty((batch * num_dirs, t_blocks, width + 1, d_inner), device=x.device, dtype=f32)
+        has_order = order is not None
+        grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch * num_dirs)
+        _conv_bwd_pre[grid](x, weight, bias, order if has_order else weight, du, dpre, dw,
+                            x.stride(0), x.stride(1), du.stride(0), du.stride(1), du.stride(2),
+                            seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D,
+                            HAS_ORDER=has_order, num_warps=4)
+        dx = torch.empty((batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch)
+        _conv_bwd_dx[grid](dpre, weight, inverse if has_order else weight, dx, seqlen, d_inner, num_dirs,
+                           W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D, HAS_ORDER=has_order, num_warps=4)
+        dw = dw.view(batch, num_dirs, t_blocks, width + 1, d_inner).sum((0, 2))  # (K, W + 1, d)
+        return (dx, dw[:, :width].transpose(1, 2).to(weight.dtype), dw[:, width].to(bias.dtype), None, None)
+
+
+def causal_conv1d_silu_tokens(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        order: Optional[torch.Tensor] = None,
+        inverse: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """silu(depthwise causal conv) of K directions along their scan orders, token-major.
+
+    x: (b, L, d) with contiguous channels (a slice of the in-projection's output is read in place); weight:
+    (K, d, W); bias: (K, d); order / inverse: (K, L) scan order and its inverse (None: token order).
+    Returns u (b, K, L, d), u[:, k, p] being direction k's conv output at token p.
+    """
+    if not has_triton:
+        raise RuntimeError('timm_arm: the triton causal conv needs triton installed')
+    batch, seqlen, d_inner = x.shape
+    if weight.dim() != 3 or weight.shape[1] != d_inner or bias.shape != weight.shape[:2]:
+        raise ValueError(f'causal_conv1d: weight must be (K, {d_inner}, W) and bias (K, {d_inner}), got '
+                         f'{tuple(weight.shape)}, {tuple(bias.shape)}')
+    if (order is None) != (inverse is None):
+        raise ValueError('causal_conv1d: order and inverse go together')
+    order = _check_order(order, weight.shape[0], seqlen)
+    inverse = _check_order(inverse, weight.shape[0], seqlen, 'inverse')
+    return _ConvTokens.apply(_channels_last(x), weight.contiguous(), bias.contiguous(), order, inverse)
