@@ -91,16 +91,15 @@ def sweep(shape, iters):
             order[0].to(torch.int32))
     dy = torch.randn_like(t['u'])
     fwd_rows, bwd_rows = [], []
-    for T, bd, warps in itertools.product((2, 4, 8, 16), (16, 32, 64, 128), (1, 2, 4)):
-        per_thread = T * 16 * bd // (32 * warps)  # fp32 elements of one (T, N, BLOCK_D) tile per thread
-        if not 8 <= per_thread <= 128 or bd < 16 * warps:
-            continue
-        cfg = ts.ScanConfig(T, bd, warps, T, bd, warps)
-        for rows, name, call in (
-                (fwd_rows, 'scan_fwd', lambda: ts._scan_forward(*args, cfg)),
-                (bwd_rows, 'scan_bwd', lambda: ts._scan_backward(dy, *args, cfg))):
-            if rows is bwd_rows and per_thread > 64:
+    grids = ((fwd_rows, 'scan_fwd', itertools.product((2, 4, 8), (32, 64, 128), (1, 2))),
+             (bwd_rows, 'scan_bwd', itertools.product((1, 2, 4), (8, 16, 32), (1, 2))))
+    for rows, name, grid in grids:
+        for T, bd, warps in grid:
+            if bd < 8 * warps:
                 continue
+            cfg = ts.ScanConfig(T, bd, warps, T, bd, warps)
+            call = (lambda: ts._scan_forward(*args, cfg)) if name == 'scan_fwd' else (
+                lambda: ts._scan_backward(dy, *args, cfg))
             try:
                 ms = cuda_median_ms(call, iters)
                 k = ts._last_kernels[name]

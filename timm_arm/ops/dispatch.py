@@ -174,14 +174,10 @@ def scan_directions(
     K, N = A.shape[0], A.shape[-1]
     R = dt_proj_weight.shape[-1]
     if resolve_backend(x, backend, op='scan') == 'triton':
-        from .triton_scan import causal_conv1d_silu_tokens, selective_scan_tokens
+        from .triton_scan import mixer_core_tokens
         order_, inverse = order if order is not None else (None, None)
-        u = causal_conv1d_silu_tokens(x, conv_weight, conv_bias, order_, inverse)  # (b, K, L, d)
-        x_dbl = torch.matmul(u, x_proj_weight.transpose(1, 2).to(u.dtype))  # (b, K, L, R + 2N)
-        dt, B, C = x_dbl.split([R, N, N], dim=-1)
-        delta = torch.matmul(dt, dt_proj_weight.transpose(1, 2).to(dt.dtype))  # (b, K, L, d)
-        y = selective_scan_tokens(u, delta, A, B, C, D, dt_proj_bias, True, order_)
-        return y.sum(1) / K if K > 1 else y[:, 0]
+        return mixer_core_tokens(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
+                                 order_, inverse)
 
     # channel-first (mamba-ssm's layout): scan orders as gathers
     u = x.transpose(1, 2)  # (b, d, L)

@@ -15,7 +15,7 @@ state. The state is fp32 throughout; inputs may be bf16 or fp32.
 The backward keeps nothing from the forward but its inputs: it first re-runs the recurrence, writing the state at
 every chunk start to a scratch buffer that lives only during this layer's backward, then walks the chunks in
 reverse, recomputes each chunk's states and runs the adjoint
-    lam_t = C_t y'_t + a_{t+1} lam_{t+1}        (a_t = exp(delta_t A); a_{t+1} from a second load one step later)
+    lam_t = C_t y'_t + a_{t+1} lam_{t+1}        (a_t = exp(delta_t A), a_{t+1} shifted in registers)
 as a reverse associative scan. With x_t = delta_t B_t u_t, a_t h_{t-1} = h_t - x_t (no division):
     ddelta_t = sum_n lam_t ((h_t - x_t) A + u_t B_t),   du_t = delta_t sum_n lam_t B_t + D y'_t,
     dA = sum_{b,t} lam_t (h_t - x_t) delta_t,   dB_t = sum_c lam_t delta_t u_t,   dC_t = sum_c y'_t h_t.
@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - the package works without triton, this
     has_triton = False
 
 __all__ = [
-    'selective_scan_triton', 'selective_scan_tokens', 'causal_conv1d_silu_tokens', 'has_triton', 'ScanConfig',
+    'selective_scan_triton', 'selective_scan_tokens', 'causal_conv1d_silu_tokens', 'mixer_core_tokens', 'has_triton', 'ScanConfig',
     'scan_config']
 
 
@@ -58,10 +58,14 @@ def _pow2(x: int) -> int:
 
 
 def scan_config(d_inner: int, seqlen: int, d_state: int) -> ScanConfig:
-    """Tile sizes: channels across lanes, T steps x N states in each thread's registers."""
-    T = min(8, max(2, _pow2(seqlen)))
-    block_d = min(32, _pow2(d_inner))
-    return ScanConfig(T, block_d, 1, min(4, T), min(16, block_d), 1)
+    """Tile sizes: channels across lanes, T steps x N states in each thread's registers.
+
+    Swept on an H200 at ARM-B's training shape (b 128, 4 directions, L 197, d 768, N 16, bf16;
+    benchmarks/scan_kernels.py --sweep): forward best at T 4, 64 channels, 1 warp (0.72 ms); backward at T 2,
+    16 channels, 1 warp (6.0 ms; larger tiles run out of registers).
+    """
+    T = min(4, max(2, _pow2(seqlen)))
+    return ScanConfig(T, min(64, _pow2(d_inner)), 1, 2, min(16, _pow2(d_inner)), 1)
 
 
 if has_triton:
@@ -214,6 +218,7 @@ if has_triton:
 
         # pass 2: chunks in reverse
         lam_next = tl.zeros((NP, BLOCK_D), dtype=tl.float32)  # lam at the first step of the later chunk
+        a_next = tl.full((NP, BLOCK_D), 1., dtype=tl.float32)  # its decay (1 past the end: padded steps)
         dA_acc = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -222,12 +227,9 @@ if has_triton:
             t = c * T + offs_t
             mask_t = t < seqlen
             pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
-            pos1 = _positions(order_ptr, k, t + 1, seqlen, HAS_ORDER)  # one step later: the adjoint's decay
             mask = mask_t[:, None] & mask_d[None, :]
-            mask1 = (t + 1 < seqlen)[:, None] & mask_d[None, :]
             u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
             dt, dt_raw = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
-            dt1, _ = _delta(dt_base, pos1, sdt_l, mask1, bias, HAS_BIAS, SOFTPLUS)
             mask_tn = mask_t[:, None] & mask_n[None, :]
             Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_tn, other=0.).to(tl.float32)
             Ct = tl.load(C_base + pos[:, None] * sC_l, mask=mask_tn, other=0.).to(tl.float32)
@@ -240,8 +242,13 @@ if has_triton:
             x = dtu[:, None, :] * Bt[:, :, None]
             _, hs = tl.associative_scan((a, tl.where(first, x + a * h0[None, :, :], x)), 0, _combine)
 
-            # adjoint, the chunk's last step taking the later chunk's lam
-            a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
+            # adjoint, the chunk's last step taking the later chunk's lam. Its decay a_{t+1}: a shifted by one
+            # step, the last step's from the later chunk (in-thread selects, no second exp)
+            a1 = tl.where(last, a_next[None, :, :], 0.)
+            for j in tl.static_range(T - 1):
+                a1 += tl.where(offs_t[:, None, None] == j, tl.sum(tl.where(offs_t[:, None, None] == j + 1, a, 0.),
+                                                                  axis=0)[None, :, :], 0.)
+            a_next = tl.sum(tl.where(first, a, 0.), axis=0)
             beta = g[:, None, :] * Ct[:, :, None]
             beta = tl.where(last, beta + a1 * lam_next[None, :, :], beta)
             _, lam = tl.associative_scan((a1, beta), 0, _combine, reverse=True)
@@ -528,13 +535,7 @@ class _ConvTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, order, inverse):
-        batch, seqlen, d_inner = x.shape
-        num_dirs, _, width = weight.shape
-        u = torch.empty((batch, num_dirs, seqlen, d_inner), device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(d_inner, CONV_BLOCK_D), triton.cdiv(seqlen, CONV_BLOCK_T), batch * num_dirs)
-        _conv_fwd[grid](x, weight, bias, order if order is not None else weight, u, x.stride(0), x.stride(1),
-                        seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D,
-                        HAS_ORDER=order is not None, num_warps=4)
+        u = _conv_forward(x, weight, bias, order)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(x, weight, bias, order, inverse)
         return u
@@ -542,25 +543,8 @@ class _ConvTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, du):
         x, weight, bias, order, inverse = ctx.saved_tensors
-        du = _channels_last(du)
-        batch, seqlen, d_inner = x.shape
-        num_dirs, _, width = weight.shape
-        t_blocks = triton.cdiv(seqlen, CONV_BLOCK_T)
-        f32 = torch.float32
-        dpre = torch.empty((batch, num_dirs, seqlen, d_inner), device=x.device, dtype=f32)
-        dw = torch.empty((batch * num_dirs, t_blocks, width + 1, d_inner), device=x.device, dtype=f32)
-        has_order = order is not None
-        grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch * num_dirs)
-        _conv_bwd_pre[grid](x, weight, bias, order if has_order else weight, du, dpre, dw,
-                            x.stride(0), x.stride(1), du.stride(0), du.stride(1), du.stride(2),
-                            seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D,
-                            HAS_ORDER=has_order, num_warps=4)
-        dx = torch.empty((batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch)
-        _conv_bwd_dx[grid](dpre, weight, inverse if has_order else weight, dx, seqlen, d_inner, num_dirs,
-                           W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D, HAS_ORDER=has_order, num_warps=4)
-        dw = dw.view(batch, num_dirs, t_blocks, width + 1, d_inner).sum((0, 2))  # (K, W + 1, d)
-        return (dx, dw[:, :width].transpose(1, 2).to(weight.dtype), dw[:, width].to(bias.dtype), None, None)
+        dx, dw, db = _conv_backward(_channels_last(du), x, weight, bias, order, inverse)
+        return dx, dw.to(weight.dtype), db.to(bias.dtype), None, None
 
 
 def causal_conv1d_silu_tokens(
@@ -587,3 +571,119 @@ def causal_conv1d_silu_tokens(
     order = _check_order(order, weight.shape[0], seqlen)
     inverse = _check_order(inverse, weight.shape[0], seqlen, 'inverse')
     return _ConvTokens.apply(_channels_last(x), weight.contiguous(), bias.contiguous(), order, inverse)
+
+
+def _conv_forward(x, weight, bias, order):
+    batch, seqlen, d_inner = x.shape
+    num_dirs, _, width = weight.shape
+    u = torch.empty((batch, num_dirs, seqlen, d_inner), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(d_inner, CONV_BLOCK_D), triton.cdiv(seqlen, CONV_BLOCK_T), batch * num_dirs)
+    _conv_fwd[grid](x, weight, bias, order if order is not None else weight, u, x.stride(0), x.stride(1),
+                    seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D,
+                    HAS_ORDER=order is not None, num_warps=4)
+    return u
+
+
+def _conv_backward(du, x, weight, bias, order, inverse):
+    batch, seqlen, d_inner = x.shape
+    num_dirs, _, width = weight.shape
+    t_blocks = triton.cdiv(seqlen, CONV_BLOCK_T)
+    f32 = torch.float32
+    dpre = torch.empty((batch, num_dirs, seqlen, d_inner), device=x.device, dtype=f32)
+    dw = torch.empty((batch * num_dirs, t_blocks, width + 1, d_inner), device=x.device, dtype=f32)
+    has_order = order is not None
+    grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch * num_dirs)
+    _conv_bwd_pre[grid](x, weight, bias, order if has_order else weight, du, dpre, dw,
+                        x.stride(0), x.stride(1), du.stride(0), du.stride(1), du.stride(2),
+                        seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D,
+                        HAS_ORDER=has_order, num_warps=4)
+    dx = torch.empty((batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch)
+    _conv_bwd_dx[grid](dpre, weight, inverse if has_order else weight, dx, seqlen, d_inner, num_dirs,
+                       W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D, HAS_ORDER=has_order, num_warps=4)
+    dw = dw.view(batch, num_dirs, t_blocks, width + 1, d_inner).sum((0, 2))  # (K, W + 1, d)
+    return dx, dw[:, :width].transpose(1, 2), dw[:, width]
+
+
+class _MixerCore(torch.autograd.Function):
+    """conv -> x_proj -> dt_proj -> scan of K directions -> mean over directions, as one autograd node.
+
+    Saves only its input x and the small x_proj output for the backward and recomputes the conv output u and
+    delta there (a conv and a thin matmul), instead of keeping two (b, K, L, d) activations per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order, inverse,
+                cfg):
+        dtype, num_dirs, rank = x.dtype, A.shape[0], dt_proj_weight.shape[-1]
+        u = _conv_forward(x, conv_weight, conv_bias, order)
+        x_dbl = torch.matmul(u, x_proj_weight.to(dtype).transpose(1, 2))  # (b, K, L, R + 2N)
+        delta = torch.matmul(x_dbl[..., :rank], dt_proj_weight.to(dtype).transpose(1, 2))  # (b, K, L, d)
+        B, C = x_dbl[..., rank:].chunk(2, dim=-1)
+        y = _scan_forward(u, delta, A, B, C, D, dt_proj_bias, True, order, cfg)
+        ctx.save_for_backward(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order,
+                              inverse, x_dbl)
+        ctx.cfg = cfg
+        return y.sum(1).div_(num_dirs) if num_dirs > 1 else y[:, 0]
+
+    @staticmethod
+    def backward(ctx, dmean):
+        x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order, inverse, x_dbl = \
+            ctx.saved_tensors
+        dtype, num_dirs, rank = x.dtype, A.shape[0], dt_proj_weight.shape[-1]
+        batch, seqlen, d_inner = x.shape
+        w_x, w_dt = x_proj_weight.to(dtype), dt_proj_weight.to(dtype)
+        u = _conv_forward(x, conv_weight, conv_bias, order)
+        dt = x_dbl[..., :rank]
+        delta = torch.matmul(dt, w_dt.transpose(1, 2))
+        B, C = x_dbl[..., rank:].chunk(2, dim=-1)
+        # every direction receives the mean's gradient / K: a stride-0 view, nothing materialised
+        dy = (_channels_last(dmean.to(dtype)) / num_dirs).unsqueeze(1).expand(batch, num_dirs, seqlen, d_inner)
+        du, ddelta, dA, dB, dC, dD, dbias = _scan_backward(dy, u, delta, A, B, C, D, dt_proj_bias, True, order,
+                                                           ctx.cfg)
+        flat = lambda t: t.transpose(0, 1).reshape(num_dirs, batch * seqlen, t.shape[-1])  # (K, b L, c)
+        d_dt = torch.matmul(ddelta, w_dt)  # (b, K, L, R)
+        d_w_dt = torch.bmm(flat(ddelta).transpose(1, 2), flat(dt))  # (K, d, R)
+        dx_dbl = torch.cat([d_dt, dB, dC], dim=-1)  # (b, K, L, R + 2N)
+        du = du + torch.matmul(dx_dbl, w_x)
+        d_w_x = torch.bmm(flat(dx_dbl).transpose(1, 2), flat(u))  # (K, R + 2N, d)
+        dx, d_conv_w, d_conv_b = _conv_backward(du, x, conv_weight, conv_bias, order, inverse)
+        return (dx, d_conv_w.to(conv_weight.dtype), d_conv_b.to(conv_bias.dtype), d_w_x.to(x_proj_weight.dtype),
+                d_w_dt.to(dt_proj_weight.dtype), dbias, dA.to(A.dtype), dD, None, None, None)
+
+
+def mixer_core_tokens(
+        x: torch.Tensor,
+        conv_weight: torch.Tensor,
+        conv_bias: torch.Tensor,
+        x_proj_weight: torch.Tensor,
+        dt_proj_weight: torch.Tensor,
+        dt_proj_bias: torch.Tensor,
+        A: torch.Tensor,
+        D: torch.Tensor,
+        order: Optional[torch.Tensor] = None,
+        inverse: Optional[torch.Tensor] = None,
+        config: Optional[ScanConfig] = None,
+) -> torch.Tensor:
+    """The K-direction mixer core on the Triton kernels, token-major (``scan_directions``' semantics).
+
+    x: (b, L, d) with contiguous channels; conv_weight: (K, d, W); conv_bias, dt_proj_bias, D: (K, d);
+    x_proj_weight: (K, R + 2N, d); dt_proj_weight: (K, d, R); A: (K, d, N); order / inverse: (K, L) or None.
+    Returns the mean over directions of the scan outputs, (b, L, d) in x's dtype.
+    """
+    if not has_triton:
+        raise RuntimeError('timm_arm: the triton mixer needs triton installed')
+    batch, seqlen, d_inner = x.shape
+    num_dirs, _, d_state = A.shape
+    if conv_weight.shape[:2] != (num_dirs, d_inner) or x_proj_weight.shape[1:] != (
+            dt_proj_weight.shape[-1] + 2 * d_state, d_inner):
+        raise ValueError(f'mixer: conv_weight {tuple(conv_weight.shape)} / x_proj_weight '
+                         f'{tuple(x_proj_weight.shape)} do not fit x {tuple(x.shape)} and A {tuple(A.shape)}')
+    if (order is None) != (inverse is None):
+        raise ValueError('mixer: order and inverse go together')
+    order = _check_order(order, num_dirs, seqlen)
+    inverse = _check_order(inverse, num_dirs, seqlen, 'inverse')
+    cfg = config or scan_config(d_inner, seqlen, d_state)
+    return _MixerCore.apply(
+        _channels_last(x), conv_weight.contiguous(), conv_bias.contiguous(), x_proj_weight, dt_proj_weight,
+        dt_proj_bias.contiguous(), A.float().contiguous(), D.contiguous(), order, inverse, cfg)
