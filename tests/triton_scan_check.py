@@ -75,8 +75,8 @@ CASES = [
     ((1, 2, 4, 33, 5), {'z'}),  # N not a power of two
     ((1, 2, 2, 197, 16), {'D', 'delta_bias', 'softplus'}),
 ]
-CONFIGS = [None, ScanConfig(T=16, block_d_fwd=2, warps_fwd=1, T_bwd=4, block_d_bwd=4, warps_bwd=1),
-           ScanConfig(T=4, block_d_fwd=4, warps_fwd=2, T_bwd=8, block_d_bwd=2, warps_bwd=1)]
+CONFIGS = [None, ScanConfig(T=16, block_d_fwd=2, warps_fwd=1, T_bwd=4, block_d_bwd=4, warps_bwd=1, chunks_per_segment=1),
+           ScanConfig(T=4, block_d_fwd=4, warps_fwd=2, T_bwd=8, block_d_bwd=2, warps_bwd=1, chunks_per_segment=3)]
 
 
 def _orders(num_dirs, seqlen, gen, permute):

@@ -13,9 +13,10 @@ steps: (T, N, BLOCK_D) register tiles, tl.associative_scan along T, the chunk's 
 state. The state is fp32 throughout; inputs may be bf16 or fp32.
 
 The backward keeps nothing from the forward but its inputs: it first re-runs the recurrence, writing the state at
-every chunk start to a scratch buffer that lives only during this layer's backward, then walks the chunks in
-reverse, recomputes each chunk's states and runs the adjoint
-    lam_t = C_t y'_t + a_{t+1} lam_{t+1}        (a_t = exp(delta_t A), a_{t+1} shifted in registers)
+every segment start (M chunks) to a scratch buffer that lives only during this layer's backward. It then walks
+the segments in reverse: re-runs the segment, keeping its chunk starts in a few KiB per program that stay in L2,
+then walks its chunks in reverse, recomputes each chunk's states and runs the adjoint
+    lam_t = C_t y'_t + a_{t+1} lam_{t+1}        (a_t = exp(delta_t A); a_{t+1} from a second load one step later)
 as a reverse associative scan. With x_t = delta_t B_t u_t, a_t h_{t-1} = h_t - x_t (no division):
     ddelta_t = sum_n lam_t ((h_t - x_t) A + u_t B_t),   du_t = delta_t sum_n lam_t B_t + D y'_t,
     dA = sum_{b,t} lam_t (h_t - x_t) delta_t,   dB_t = sum_c lam_t delta_t u_t,   dC_t = sum_c y'_t h_t.
@@ -51,6 +52,7 @@ class ScanConfig(NamedTuple):
     T_bwd: int  # backward: time steps per chunk (power of two)
     block_d_bwd: int
     warps_bwd: int
+    chunks_per_segment: int = 4  # backward: the state is kept in HBM at every segment start only
 
 
 def _pow2(x: int) -> int:
@@ -65,7 +67,7 @@ def scan_config(d_inner: int, seqlen: int, d_state: int) -> ScanConfig:
     16 channels, 1 warp (6.0 ms; larger tiles run out of registers).
     """
     T = min(4, max(2, _pow2(seqlen)))
-    return ScanConfig(T, min(64, _pow2(d_inner)), 1, 2, min(16, _pow2(d_inner)), 1)
+    return ScanConfig(T, min(64, _pow2(d_inner)), 1, 2, min(16, _pow2(d_inner)), 1, 4)
 
 
 if has_triton:
@@ -158,18 +160,36 @@ if has_triton:
             tl.store(y_base + pos[:, None] * d_inner, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, c, offs_t, offs_n, mask_d, mask_n, A2, bias,
+                         su_l, sdt_l, sB_l, seqlen, T: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr):
+        """The state after chunk c (T steps), from the state h before it."""
+        t = c * T + offs_t
+        mask_t = t < seqlen
+        pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
+        mask = mask_t[:, None] & mask_d[None, :]
+        u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
+        dt, _ = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_t[:, None] & mask_n[None, :], other=0.).to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+        x = (dt * u)[:, None, :] * Bt[:, :, None]
+        x = tl.where(offs_t[:, None, None] == 0, x + a * h[None, :, :], x)
+        _, hs = tl.associative_scan((a, x), 0, _combine)
+        return tl.sum(tl.where(offs_t[:, None, None] == T - 1, hs, 0.), axis=0)
+
+    @triton.jit
     def _scan_bwd_kernel(
-            u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, order_ptr, dy_ptr, states_ptr,
+            u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, order_ptr, dy_ptr, seg_ptr, loc_ptr,
             du_ptr, ddt_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
             su_b, su_k, su_l, su_d, sdt_b, sdt_k, sdt_l, sdt_d,
             sB_b, sB_k, sB_l, sB_n, sC_b, sC_k, sC_l, sC_n, sdy_b, sdy_k, sdy_l, sdy_d,
             seqlen, d_inner, d_state,
-            NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
+            NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, M: tl.constexpr,
             HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
         pid_d, k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         num_blocks, num_dirs = tl.num_programs(0), tl.num_programs(1)
-        num_chunks = tl.cdiv(seqlen, T)
+        num_segments = tl.cdiv(seqlen, T * M)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d_inner
         offs_n = tl.arange(0, NP)
@@ -191,88 +211,88 @@ if has_triton:
         B_base = B_ptr + b64 * sB_b + k64 * sB_k + offs_n[None, :] * sB_n
         C_base = C_ptr + b64 * sC_b + k64 * sC_k + offs_n[None, :] * sC_n
         out_base = bk * seqlen * d_inner + offs_d[None, :]  # du, ddelta: contiguous (b, K, L, d)
-        # chunk-start states (b, K, chunks, NP, d), fp32; dB / dC partials (b, K, blocks, L, NP), fp32
-        st_base = states_ptr + bk * num_chunks * NP * d_inner + offs_n[:, None] * d_inner + offs_d[None, :]
+        # segment-start states (b, K, segments, NP, d), fp32, in HBM; the chunk starts of the segment at hand in
+        # a small per-program scratch (b, K, blocks, M, NP, BLOCK_D) that stays in L2
+        seg_base = seg_ptr + bk * num_segments * NP * d_inner + offs_n[:, None] * d_inner + offs_d[None, :]
+        loc_base = loc_ptr + ((bk * num_blocks + pid_d) * M * NP + offs_n[:, None]) * BLOCK_D \
+            + tl.arange(0, BLOCK_D)[None, :]
+        # dB / dC partials (b, K, blocks, L, NP), fp32
         part_base = ((bk * num_blocks + pid_d) * seqlen) * NP + offs_n[None, :]
         first = offs_t[:, None, None] == 0
         last = offs_t[:, None, None] == T - 1
 
-        # pass 1: re-run the recurrence, keeping the state at every chunk start
+        # pass 1: re-run the recurrence, keeping the state at every segment start
         h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
-        for c in range(num_chunks):
-            tl.store(st_base + c * NP * d_inner, h, mask=mask_nd)
-            t = c * T + offs_t
-            mask_t = t < seqlen
-            pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
-            mask = mask_t[:, None] & mask_d[None, :]
-            u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
-            dt, _ = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_t[:, None] & mask_n[None, :], other=0.).to(
-                tl.float32)
-            a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-            x = (dt * u)[:, None, :] * Bt[:, :, None]
-            x = tl.where(first, x + a * h[None, :, :], x)
-            _, hs = tl.associative_scan((a, x), 0, _combine)
-            h = tl.sum(tl.where(last, hs, 0.), axis=0)
+        for s in range(num_segments):
+            tl.store(seg_base + s * NP * d_inner, h, mask=mask_nd)
+            for m in range(M):
+                h = _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, s * M + m, offs_t, offs_n, mask_d,
+                                     mask_n, A2, bias, su_l, sdt_l, sB_l, seqlen, T, HAS_BIAS, SOFTPLUS, HAS_ORDER)
         tl.debug_barrier()  # the states written above are read back below, possibly by other threads
 
-        # pass 2: chunks in reverse
+        # pass 2: segments in reverse; in each, the chunk starts, then the chunks in reverse
         lam_next = tl.zeros((NP, BLOCK_D), dtype=tl.float32)  # lam at the first step of the later chunk
-        a_next = tl.full((NP, BLOCK_D), 1., dtype=tl.float32)  # its decay (1 past the end: padded steps)
         dA_acc = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for ci in range(num_chunks):
-            c = num_chunks - 1 - ci
-            t = c * T + offs_t
-            mask_t = t < seqlen
-            pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
-            mask = mask_t[:, None] & mask_d[None, :]
-            u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
-            dt, dt_raw = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
-            mask_tn = mask_t[:, None] & mask_n[None, :]
-            Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_tn, other=0.).to(tl.float32)
-            Ct = tl.load(C_base + pos[:, None] * sC_l, mask=mask_tn, other=0.).to(tl.float32)
-            g = tl.load(dy_base + pos[:, None] * sdy_l, mask=mask, other=0.).to(tl.float32)
+        for si in range(num_segments):
+            s = num_segments - 1 - si
+            h = tl.load(seg_base + s * NP * d_inner, mask=mask_nd, other=0.)
+            for m in range(M):
+                tl.store(loc_base + m * NP * BLOCK_D, h)
+                h = _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, s * M + m, offs_t, offs_n, mask_d,
+                                     mask_n, A2, bias, su_l, sdt_l, sB_l, seqlen, T, HAS_BIAS, SOFTPLUS, HAS_ORDER)
+            tl.debug_barrier()
+            for mi in range(M):
+                m = M - 1 - mi
+                t = (s * M + m) * T + offs_t
+                mask_t = t < seqlen
+                pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
+                pos1 = _positions(order_ptr, k, t + 1, seqlen, HAS_ORDER)  # one step later: the adjoint's decay
+                mask = mask_t[:, None] & mask_d[None, :]
+                mask1 = (t + 1 < seqlen)[:, None] & mask_d[None, :]
+                u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
+                dt, dt_raw = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+                dt1, _ = _delta(dt_base, pos1, sdt_l, mask1, bias, HAS_BIAS, SOFTPLUS)
+                mask_tn = mask_t[:, None] & mask_n[None, :]
+                Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_tn, other=0.).to(tl.float32)
+                Ct = tl.load(C_base + pos[:, None] * sC_l, mask=mask_tn, other=0.).to(tl.float32)
+                g = tl.load(dy_base + pos[:, None] * sdy_l, mask=mask, other=0.).to(tl.float32)
 
-            # the chunk's states from its saved start
-            h0 = tl.load(st_base + c * NP * d_inner, mask=mask_nd, other=0.)
-            a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-            dtu = dt * u
-            x = dtu[:, None, :] * Bt[:, :, None]
-            _, hs = tl.associative_scan((a, tl.where(first, x + a * h0[None, :, :], x)), 0, _combine)
+                # the chunk's states from its start
+                h0 = tl.load(loc_base + m * NP * BLOCK_D)
+                a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+                dtu = dt * u
+                x = dtu[:, None, :] * Bt[:, :, None]
+                _, hs = tl.associative_scan((a, tl.where(first, x + a * h0[None, :, :], x)), 0, _combine)
 
-            # adjoint, the chunk's last step taking the later chunk's lam. Its decay a_{t+1}: a shifted by one
-            # step, the last step's from the later chunk (in-thread selects, no second exp)
-            a1 = tl.where(last, a_next[None, :, :], 0.)
-            for j in tl.static_range(T - 1):
-                a1 += tl.where(offs_t[:, None, None] == j, tl.sum(tl.where(offs_t[:, None, None] == j + 1, a, 0.),
-                                                                  axis=0)[None, :, :], 0.)
-            a_next = tl.sum(tl.where(first, a, 0.), axis=0)
-            beta = g[:, None, :] * Ct[:, :, None]
-            beta = tl.where(last, beta + a1 * lam_next[None, :, :], beta)
-            _, lam = tl.associative_scan((a1, beta), 0, _combine, reverse=True)
-            lam_next = tl.sum(tl.where(first, lam, 0.), axis=0)
+                # adjoint, the chunk's last step taking the later chunk's lam
+                a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
+                beta = g[:, None, :] * Ct[:, :, None]
+                beta = tl.where(last, beta + a1 * lam_next[None, :, :], beta)
+                _, lam = tl.associative_scan((a1, beta), 0, _combine, reverse=True)
+                lam_next = tl.sum(tl.where(first, lam, 0.), axis=0)
 
-            lam_h = lam * (hs - x)  # lam_t a_t h_{t-1}
-            lam_B = tl.sum(lam * Bt[:, :, None], axis=1)  # (T, BLOCK_D)
-            ddt = tl.sum(lam_h * A[None, :, :], axis=1) + u * lam_B
-            du = dt * lam_B
-            if HAS_D:
-                du += Dv[None, :] * g
-                dD_acc += tl.sum(g * u, axis=0)
-            dA_acc += tl.sum(lam_h * dt[:, None, :], axis=0)
-            if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(dt_raw)
-            ddt = tl.where(mask, ddt, 0.)
-            dbias_acc += tl.sum(ddt, axis=0)
-            tl.store(du_ptr + out_base + pos[:, None] * d_inner, du.to(du_ptr.dtype.element_ty), mask=mask)
-            tl.store(ddt_ptr + out_base + pos[:, None] * d_inner, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+                lam_h = lam * (hs - x)  # lam_t a_t h_{t-1}
+                lam_B = tl.sum(lam * Bt[:, :, None], axis=1)  # (T, BLOCK_D)
+                ddt = tl.sum(lam_h * A[None, :, :], axis=1) + u * lam_B
+                du = dt * lam_B
+                if HAS_D:
+                    du += Dv[None, :] * g
+                    dD_acc += tl.sum(g * u, axis=0)
+                dA_acc += tl.sum(lam_h * dt[:, None, :], axis=0)
+                if SOFTPLUS:
+                    ddt = ddt * tl.sigmoid(dt_raw)
+                ddt = tl.where(mask, ddt, 0.)
+                dbias_acc += tl.sum(ddt, axis=0)
+                tl.store(du_ptr + out_base + pos[:, None] * d_inner, du.to(du_ptr.dtype.element_ty), mask=mask)
+                tl.store(ddt_ptr + out_base + pos[:, None] * d_inner, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
 
-            dB = tl.sum(lam * dtu[:, None, :], axis=2)  # (T, NP); masked channels have dt = 0
-            dC = tl.sum(hs * g[:, None, :], axis=2)  # masked channels have g = 0
-            tl.store(dB_ptr + part_base + pos[:, None] * NP, dB, mask=mask_t[:, None])
-            tl.store(dC_ptr + part_base + pos[:, None] * NP, dC, mask=mask_t[:, None])
+                dB = tl.sum(lam * dtu[:, None, :], axis=2)  # (T, NP); masked channels have dt = 0
+                dC = tl.sum(hs * g[:, None, :], axis=2)  # masked channels have g = 0
+                tl.store(dB_ptr + part_base + pos[:, None] * NP, dB, mask=mask_t[:, None])
+                tl.store(dC_ptr + part_base + pos[:, None] * NP, dC, mask=mask_t[:, None])
+            tl.debug_barrier()  # the next segment overwrites the chunk starts
 
         row64 = b64 * num_dirs * d_inner + row
         tl.store(dA_ptr + row64[None, :] * NP + offs_n[:, None], dA_acc, mask=mask_nd)
@@ -401,9 +421,11 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
     d_state = A.shape[-1]
     np_ = _pow2(d_state)
     num_blocks = triton.cdiv(d_inner, cfg.block_d_bwd)
-    num_chunks = triton.cdiv(seqlen, cfg.T_bwd)
+    num_segments = triton.cdiv(seqlen, cfg.T_bwd * cfg.chunks_per_segment)
     dev, f32 = u.device, torch.float32
-    states = torch.empty((batch, num_dirs, num_chunks, np_, d_inner), device=dev, dtype=f32)
+    segments = torch.empty((batch, num_dirs, num_segments, np_, d_inner), device=dev, dtype=f32)
+    chunk_starts = torch.empty((batch, num_dirs, num_blocks, cfg.chunks_per_segment, np_, cfg.block_d_bwd),
+                               device=dev, dtype=f32)
     du = torch.empty((batch, num_dirs, seqlen, d_inner), device=dev, dtype=u.dtype)
     ddelta = torch.empty((batch, num_dirs, seqlen, d_inner), device=dev, dtype=delta.dtype)
     dA = torch.empty((batch, num_dirs * d_inner, np_), device=dev, dtype=f32)
@@ -414,10 +436,10 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
     grid = (num_blocks, num_dirs, batch)
     _last_kernels['scan_bwd'] = _scan_bwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
-        order if order is not None else A, dy, states,
+        order if order is not None else A, dy, segments, chunk_starts,
         du, ddelta, dA, dD if dD is not None else dA, dbias if dbias is not None else dA, dB, dC,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), seqlen, d_inner, d_state,
-        NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, HAS_D=D is not None,
+        NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, M=cfg.chunks_per_segment, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd)
     dA = dA.sum(0)[:, :d_state].reshape(A.shape)
     dB = dB.sum(2)[..., :d_state]
