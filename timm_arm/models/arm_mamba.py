@@ -31,7 +31,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from timm_arm.ops import scan_directions
+from timm_arm.ops import mixer_core
 
 __all__ = ['ArmMamba', 'MultiDirectionMamba', 'ArmBlock', 'scan_orders', 'resample_pos_embed', 'HUB_ORG']
 
@@ -191,12 +191,10 @@ class MultiDirectionMamba(nn.Module):
 
     def forward(self, x: torch.Tensor, order: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """x: (B, L, dim) in token order; order: (scan order, inverse) from scan_orders(), None for 1 direction."""
-        d = self.d_inner
-        xz = self.in_proj(x)
-        y = scan_directions(
-            xz[..., :d], order, self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight,
+        y = mixer_core(
+            self.in_proj(x), order, self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight,
             self.dt_proj_bias, -torch.exp(self.A_log.float()), self.D)
-        return self.out_proj(y * F.silu(xz[..., d:]))
+        return self.out_proj(y)
 
 
 class ArmBlock(nn.Module):

@@ -11,7 +11,7 @@ environment variable, then ``'auto'``:
               are missing or the tensors are not on a GPU
     'torch':  plain PyTorch everywhere
 
-``scan_directions`` is the mixer's core (conv, x / dt projections, scan over K directions) for every backend;
+``mixer_core`` is the mixer's core (conv, x / dt projections, scan over K directions) for every backend;
 ``selective_scan`` and ``causal_conv1d_silu`` are the single ops in mamba-ssm's channel-first layout.
 """
 import functools
@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from .causal_conv1d import causal_conv1d_silu_cuda, causal_conv1d_silu_torch
 from .selective_scan import selective_scan_cuda_fn, selective_scan_torch
 
-__all__ = ['scan_directions', 'selective_scan', 'causal_conv1d_silu', 'set_backend', 'get_backend', 'resolve_backend', 'choose_backend',
+__all__ = ['mixer_core', 'selective_scan', 'causal_conv1d_silu', 'set_backend', 'get_backend', 'resolve_backend', 'choose_backend',
            'has_cuda_kernels']
 
 _BACKENDS = ('auto', 'cuda', 'torch', 'triton')
@@ -150,8 +150,8 @@ def causal_conv1d_silu(
     return causal_conv1d_silu_torch(x, weight.to(x.dtype), bias.to(x.dtype))
 
 
-def scan_directions(
-        x: torch.Tensor,
+def mixer_core(
+        xz: torch.Tensor,
         order: Optional[Tuple[torch.Tensor, torch.Tensor]],
         conv_weight: torch.Tensor,
         conv_bias: torch.Tensor,
@@ -162,25 +162,25 @@ def scan_directions(
         D: torch.Tensor,
         backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """The core of a K-direction Mamba mixer: from the in-projection's x half to the mean of the directions'
-    outputs, in token order (gating and out-projection are the caller's).
+    """The core of a K-direction Mamba mixer: from the in-projection's output to the out-projection's input.
 
-    x: (b, L, d) tokens; order: (scan order, inverse), (K, L) index tensors (None: one direction in token order);
-    conv_weight: (K, d, W); conv_bias, dt_proj_bias, D: (K, d); x_proj_weight: (K, R + 2N, d);
+    xz: (b, L, 2d) = [x, z] per token; order: (scan order, inverse), (K, L) index tensors (None: one direction in
+    token order); conv_weight: (K, d, W); conv_bias, dt_proj_bias, D: (K, d); x_proj_weight: (K, R + 2N, d);
     dt_proj_weight: (K, d, R); A: (K, d, N). Per direction k, along its order:
-    u = silu(conv(x)); [dt, B, C] = x_proj(u); y = scan(u, dt_proj(dt), A, B, C, D, softplus(. + dt_proj_bias)).
+        u = silu(conv(x));  [dt, B, C] = x_proj(u);  y_k = scan(u, dt_proj(dt), A, B, C, D, softplus(. + dt bias))
+    returns mean_k(y_k mapped back to token order) * silu(z), (b, L, d).
     """
-    batch, seqlen, d = x.shape
-    K, N = A.shape[0], A.shape[-1]
+    batch, seqlen, two_d = xz.shape
+    K, d, N = A.shape
     R = dt_proj_weight.shape[-1]
-    if resolve_backend(x, backend, op='scan') == 'triton':
+    if resolve_backend(xz, backend, op='scan') == 'triton':
         from .triton_scan import mixer_core_tokens
         order_, inverse = order if order is not None else (None, None)
-        return mixer_core_tokens(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
+        return mixer_core_tokens(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
                                  order_, inverse)
 
     # channel-first (mamba-ssm's layout): scan orders as gathers
-    u = x.transpose(1, 2)  # (b, d, L)
+    u = xz[..., :d].transpose(1, 2)  # (b, d, L)
     if order is None:
         u = u.unsqueeze(1)
     else:
@@ -198,4 +198,4 @@ def scan_directions(
         y = y[:, 0]
     else:
         y = y.gather(-1, order[1].view(1, K, 1, seqlen).expand(batch, K, d, seqlen)).sum(1) / K
-    return y.transpose(1, 2)
+    return y.transpose(1, 2) * F.silu(xz[..., d:])

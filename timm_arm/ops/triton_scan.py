@@ -27,7 +27,7 @@ Conv: u[k, order[k, t]] = silu(bias_k + sum_j w_kj x[order[k, t - W + 1 + j]]) (
 read straight from the in-projection's output. Its backward writes d(pre-activation) in scan order, then sums,
 for every token, the contributions of all K directions into one dx.
 """
-import math
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
@@ -114,7 +114,6 @@ if has_triton:
             HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
         pid_d, k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        num_dirs = tl.num_programs(1)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d_inner
         offs_n = tl.arange(0, NP)
@@ -133,7 +132,7 @@ if has_triton:
         dt_base = dt_ptr + b64 * sdt_b + k64 * sdt_k + offs_d[None, :] * sdt_d
         B_base = B_ptr + b64 * sB_b + k64 * sB_k + offs_n[None, :] * sB_n
         C_base = C_ptr + b64 * sC_b + k64 * sC_k + offs_n[None, :] * sC_n
-        y_base = y_ptr + (b64 * num_dirs + k64) * seqlen * d_inner + offs_d[None, :]
+        y_base = y_ptr + (k64 * tl.num_programs(2) + b64) * seqlen * d_inner + offs_d[None, :]  # (K, b, L, d)
 
         h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
         for c in range(tl.cdiv(seqlen, T)):
@@ -204,19 +203,19 @@ if has_triton:
         bias = tl.load(bias_ptr + row, mask=mask_d & HAS_BIAS, other=0.).to(tl.float32)
 
         b64, k64 = b.to(tl.int64), k.to(tl.int64)
-        bk = b64 * num_dirs + k64
+        bk = k64 * tl.num_programs(2) + b64  # outputs are direction-major: (K, b, ...)
         u_base = u_ptr + b64 * su_b + k64 * su_k + offs_d[None, :] * su_d
         dt_base = dt_ptr + b64 * sdt_b + k64 * sdt_k + offs_d[None, :] * sdt_d
         dy_base = dy_ptr + b64 * sdy_b + k64 * sdy_k + offs_d[None, :] * sdy_d
         B_base = B_ptr + b64 * sB_b + k64 * sB_k + offs_n[None, :] * sB_n
         C_base = C_ptr + b64 * sC_b + k64 * sC_k + offs_n[None, :] * sC_n
-        out_base = bk * seqlen * d_inner + offs_d[None, :]  # du, ddelta: contiguous (b, K, L, d)
-        # segment-start states (b, K, segments, NP, d), fp32, in HBM; the chunk starts of the segment at hand in
-        # a small per-program scratch (b, K, blocks, M, NP, BLOCK_D) that stays in L2
+        out_base = bk * seqlen * d_inner + offs_d[None, :]  # du, ddelta: contiguous (K, b, L, d)
+        # segment-start states (K, b, segments, NP, d), fp32, in HBM; the chunk starts of the segment at hand in
+        # a small per-program scratch (K, b, blocks, M, NP, BLOCK_D) that stays in L2
         seg_base = seg_ptr + bk * num_segments * NP * d_inner + offs_n[:, None] * d_inner + offs_d[None, :]
         loc_base = loc_ptr + ((bk * num_blocks + pid_d) * M * NP + offs_n[:, None]) * BLOCK_D \
             + tl.arange(0, BLOCK_D)[None, :]
-        # dB / dC partials (b, K, blocks, L, NP), fp32
+        # dB / dC partials (K, b, blocks, L, NP), fp32
         part_base = ((bk * num_blocks + pid_d) * seqlen) * NP + offs_n[None, :]
         first = offs_t[:, None, None] == 0
         last = offs_t[:, None, None] == T - 1
@@ -294,7 +293,7 @@ if has_triton:
                 tl.store(dC_ptr + part_base + pos[:, None] * NP, dC, mask=mask_t[:, None])
             tl.debug_barrier()  # the next segment overwrites the chunk starts
 
-        row64 = b64 * num_dirs * d_inner + row
+        row64 = b64 * num_dirs * d_inner + row  # dA, dD, dbias partials: (b, K * d)
         tl.store(dA_ptr + row64[None, :] * NP + offs_n[:, None], dA_acc, mask=mask_nd)
         if HAS_D:
             tl.store(dD_ptr + row64, dD_acc, mask=mask_d)
@@ -320,8 +319,9 @@ if has_triton:
             x_ptr, w_ptr, bias_ptr, order_ptr, u_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs,
             W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
-        pid_d, pid_t, bk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b, k = bk // num_dirs, bk % num_dirs
+        pid_d, pid_t, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # kb = k * batch + b
+        batch = tl.num_programs(2) // num_dirs
+        k, b = kb // batch, kb % batch
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d_inner
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -332,7 +332,7 @@ if has_triton:
                         W, HAS_ORDER, BLOCK_T, BLOCK_D)
         out = pre * tl.sigmoid(pre)
         pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
-        u_base = u_ptr + bk.to(tl.int64) * seqlen * d_inner + offs_d[None, :]
+        u_base = u_ptr + kb.to(tl.int64) * seqlen * d_inner + offs_d[None, :]  # (K, b, L, d)
         tl.store(u_base + pos[:, None] * d_inner, out.to(u_ptr.dtype.element_ty),
                  mask=mask_t[:, None] & mask_d[None, :])
 
@@ -343,8 +343,9 @@ if has_triton:
             W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
         """d(pre-activation) in scan order, and per-program partial sums of dw (W rows) and dbias (row W)."""
-        pid_d, pid_t, bk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b, k = bk // num_dirs, bk % num_dirs
+        pid_d, pid_t, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # kb = k * batch + b
+        batch = tl.num_programs(2) // num_dirs
+        k, b = kb // batch, kb % batch
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d_inner
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -359,9 +360,10 @@ if has_triton:
                     mask=mask, other=0.).to(tl.float32)
         s = tl.sigmoid(pre)
         dpre = tl.where(mask, g * s * (1. + pre * (1. - s)), 0.)
-        tl.store(dpre_ptr + bk.to(tl.int64) * seqlen * d_inner + t[:, None] * d_inner + offs_d[None, :], dpre,
+        tl.store(dpre_ptr + kb.to(tl.int64) * seqlen * d_inner + t[:, None] * d_inner + offs_d[None, :],
+                 dpre.to(dpre_ptr.dtype.element_ty),
                  mask=mask)
-        part = dw_ptr + ((bk * tl.num_programs(1) + pid_t) * (W + 1)) * d_inner + offs_d
+        part = dw_ptr + ((kb * tl.num_programs(1) + pid_t) * (W + 1)) * d_inner + offs_d
         for j in tl.static_range(W):
             src = t - (W - 1) + j
             valid = mask_t & (src >= 0)
@@ -372,7 +374,7 @@ if has_triton:
 
     @triton.jit
     def _conv_bwd_dx(
-            dpre_ptr, w_ptr, inverse_ptr, dx_ptr, seqlen, d_inner, num_dirs,
+            dpre_ptr, w_ptr, inverse_ptr, dx_ptr, sdx_b, sdx_l, seqlen, d_inner, num_dirs,
             W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
         """dx at each token: sum over directions and taps of w * d(pre-activation) of the steps that read it."""
@@ -384,15 +386,53 @@ if has_triton:
         acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
         for k in range(num_dirs):
             s = _positions(inverse_ptr, k, p, seqlen, HAS_ORDER)  # the scan step at which direction k reads p
-            dpre_base = dpre_ptr + (b.to(tl.int64) * num_dirs + k) * seqlen * d_inner + offs_d[None, :]
+            dpre_base = dpre_ptr + (k * tl.num_programs(2) + b.to(tl.int64)) * seqlen * d_inner + offs_d[None, :]
             row = k * d_inner + offs_d
             for j in tl.static_range(W):
                 step = s + (W - 1) - j  # the step whose tap j reads token p
                 valid = mask_p & (step < seqlen)
                 g = tl.load(dpre_base + step[:, None] * d_inner, mask=valid[:, None] & mask_d[None, :], other=0.)
-                acc += g * tl.load(w_ptr + row * W + j, mask=mask_d, other=0.).to(tl.float32)[None, :]
-        tl.store(dx_ptr + (b.to(tl.int64) * seqlen + p[:, None]) * d_inner + offs_d[None, :],
+                acc += g.to(tl.float32) * tl.load(w_ptr + row * W + j, mask=mask_d, other=0.).to(tl.float32)[None, :]
+        tl.store(dx_ptr + b.to(tl.int64) * sdx_b + p[:, None] * sdx_l + offs_d[None, :],
                  acc.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
+
+    @triton.jit
+    def _gate_fwd(y_ptr, z_ptr, out_ptr, mean_ptr, sz_b, sz_l, seqlen, d_inner, num_dirs,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """mean = (sum over directions of y) / K;  out = mean * silu(z).  y: (K, b, L, d) contiguous."""
+        pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask = (t < seqlen)[:, None] & (offs_d < d_inner)[None, :]
+        b64 = b.to(tl.int64)
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for k in range(num_dirs):
+            acc += tl.load(y_ptr + ((k * tl.num_programs(2) + b64) * seqlen + t[:, None]) * d_inner + offs_d[None, :],
+                           mask=mask, other=0.).to(tl.float32)
+        mean = acc / num_dirs
+        z = tl.load(z_ptr + b64 * sz_b + t[:, None] * sz_l + offs_d[None, :], mask=mask, other=0.).to(tl.float32)
+        row = (b64 * seqlen + t[:, None]) * d_inner + offs_d[None, :]
+        tl.store(mean_ptr + row, mean.to(mean_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row, (mean * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gate_bwd(dout_ptr, mean_ptr, z_ptr, dy_ptr, dz_ptr, sdo_b, sdo_l, sz_b, sz_l, sdz_b, sdz_l,
+                  seqlen, d_inner, num_dirs, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dy = dout silu(z) / K (the gradient of every direction's y), dz = dout mean silu'(z)."""
+        pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask = (t < seqlen)[:, None] & (offs_d < d_inner)[None, :]
+        b64 = b.to(tl.int64)
+        g = tl.load(dout_ptr + b64 * sdo_b + t[:, None] * sdo_l + offs_d[None, :], mask=mask, other=0.).to(
+            tl.float32)
+        z = tl.load(z_ptr + b64 * sz_b + t[:, None] * sz_l + offs_d[None, :], mask=mask, other=0.).to(tl.float32)
+        row = (b64 * seqlen + t[:, None]) * d_inner + offs_d[None, :]
+        mean = tl.load(mean_ptr + row, mask=mask, other=0.).to(tl.float32)
+        s = tl.sigmoid(z)
+        tl.store(dy_ptr + row, (g * z * s / num_dirs).to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + b64 * sdz_b + t[:, None] * sdz_l + offs_d[None, :],
+                 (g * mean * s * (1. + z * (1. - s))).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 _last_kernels = {}  # the latest compiled kernels, for benchmarks (registers, spills)
@@ -405,7 +445,7 @@ def _channels_last(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def _scan_forward(u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanConfig):
     batch, num_dirs, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
-    y = torch.empty((batch, num_dirs, seqlen, d_inner), device=u.device, dtype=u.dtype)
+    y = torch.empty((num_dirs, batch, seqlen, d_inner), device=u.device, dtype=u.dtype).transpose(0, 1)
     grid = (triton.cdiv(d_inner, cfg.block_d_fwd), num_dirs, batch)
     _last_kernels['scan_fwd'] = _scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
@@ -423,15 +463,16 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
     num_blocks = triton.cdiv(d_inner, cfg.block_d_bwd)
     num_segments = triton.cdiv(seqlen, cfg.T_bwd * cfg.chunks_per_segment)
     dev, f32 = u.device, torch.float32
-    segments = torch.empty((batch, num_dirs, num_segments, np_, d_inner), device=dev, dtype=f32)
-    chunk_starts = torch.empty((batch, num_dirs, num_blocks, cfg.chunks_per_segment, np_, cfg.block_d_bwd),
+    segments = torch.empty((num_dirs, batch, num_segments, np_, d_inner), device=dev, dtype=f32)
+    chunk_starts = torch.empty((num_dirs, batch, num_blocks, cfg.chunks_per_segment, np_, cfg.block_d_bwd),
                                device=dev, dtype=f32)
-    du = torch.empty((batch, num_dirs, seqlen, d_inner), device=dev, dtype=u.dtype)
-    ddelta = torch.empty((batch, num_dirs, seqlen, d_inner), device=dev, dtype=delta.dtype)
+    # direction-major outputs, returned as (b, K, ...) views
+    du = torch.empty((num_dirs, batch, seqlen, d_inner), device=dev, dtype=u.dtype)
+    ddelta = torch.empty((num_dirs, batch, seqlen, d_inner), device=dev, dtype=delta.dtype)
     dA = torch.empty((batch, num_dirs * d_inner, np_), device=dev, dtype=f32)
     dD = torch.empty((batch, num_dirs * d_inner), device=dev, dtype=f32) if D is not None else None
     dbias = torch.empty((batch, num_dirs * d_inner), device=dev, dtype=f32) if delta_bias is not None else None
-    dB = torch.empty((batch, num_dirs, num_blocks, seqlen, np_), device=dev, dtype=f32)
+    dB = torch.empty((num_dirs, batch, num_blocks, seqlen, np_), device=dev, dtype=f32)
     dC = torch.empty_like(dB)
     grid = (num_blocks, num_dirs, batch)
     _last_kernels['scan_bwd'] = _scan_bwd_kernel[grid](
@@ -442,9 +483,9 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
         NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, M=cfg.chunks_per_segment, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd)
     dA = dA.sum(0)[:, :d_state].reshape(A.shape)
-    dB = dB.sum(2)[..., :d_state]
-    dC = dC.sum(2)[..., :d_state]
-    return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype),
+    dB = dB.sum(2)[..., :d_state].transpose(0, 1)
+    dC = dC.sum(2)[..., :d_state].transpose(0, 1)
+    return (du.transpose(0, 1), ddelta.transpose(0, 1), dA, dB.to(B.dtype), dC.to(C.dtype),
             dD.sum(0).view(D.shape).to(D.dtype) if D is not None else None,
             dbias.sum(0).view(delta_bias.shape).to(delta_bias.dtype) if delta_bias is not None else None)
 
@@ -598,84 +639,122 @@ def causal_conv1d_silu_tokens(
 def _conv_forward(x, weight, bias, order):
     batch, seqlen, d_inner = x.shape
     num_dirs, _, width = weight.shape
-    u = torch.empty((batch, num_dirs, seqlen, d_inner), device=x.device, dtype=x.dtype)
+    u = torch.empty((num_dirs, batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(d_inner, CONV_BLOCK_D), triton.cdiv(seqlen, CONV_BLOCK_T), batch * num_dirs)
     _conv_fwd[grid](x, weight, bias, order if order is not None else weight, u, x.stride(0), x.stride(1),
                     seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D,
                     HAS_ORDER=order is not None, num_warps=4)
-    return u
+    return u.transpose(0, 1)  # (b, K, L, d), direction-major in memory
 
 
-def _conv_backward(du, x, weight, bias, order, inverse):
+def _conv_backward(du, x, weight, bias, order, inverse, dx=None):
     batch, seqlen, d_inner = x.shape
     num_dirs, _, width = weight.shape
     t_blocks = triton.cdiv(seqlen, CONV_BLOCK_T)
     f32 = torch.float32
-    dpre = torch.empty((batch, num_dirs, seqlen, d_inner), device=x.device, dtype=f32)
-    dw = torch.empty((batch * num_dirs, t_blocks, width + 1, d_inner), device=x.device, dtype=f32)
+    dpre = torch.empty((num_dirs, batch, seqlen, d_inner), device=x.device, dtype=f32)
+    dw = torch.empty((num_dirs * batch, t_blocks, width + 1, d_inner), device=x.device, dtype=f32)
     has_order = order is not None
     grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch * num_dirs)
     _conv_bwd_pre[grid](x, weight, bias, order if has_order else weight, du, dpre, dw,
                         x.stride(0), x.stride(1), du.stride(0), du.stride(1), du.stride(2),
                         seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D,
                         HAS_ORDER=has_order, num_warps=4)
-    dx = torch.empty((batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
+    if dx is None:
+        dx = torch.empty((batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch)
-    _conv_bwd_dx[grid](dpre, weight, inverse if has_order else weight, dx, seqlen, d_inner, num_dirs,
+    _conv_bwd_dx[grid](dpre, weight, inverse if has_order else weight, dx, dx.stride(0), dx.stride(1), seqlen,
+                       d_inner, num_dirs,
                        W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D, HAS_ORDER=has_order, num_warps=4)
-    dw = dw.view(batch, num_dirs, t_blocks, width + 1, d_inner).sum((0, 2))  # (K, W + 1, d)
+    dw = dw.view(num_dirs, batch, t_blocks, width + 1, d_inner).sum((1, 2))  # (K, W + 1, d)
     return dx, dw[:, :width].transpose(1, 2), dw[:, width]
 
 
 class _MixerCore(torch.autograd.Function):
-    """conv -> x_proj -> dt_proj -> scan of K directions -> mean over directions, as one autograd node.
+    """conv -> x_proj -> dt_proj -> scan of K directions -> mean over directions -> gate by silu(z), as one
+    autograd node taking the in-projection's output xz = [x, z].
 
-    Saves only its input x and the small x_proj output for the backward and recomputes the conv output u and
-    delta there (a conv and a thin matmul), instead of keeping two (b, K, L, d) activations per layer.
+    Saves only xz, the thin x_proj output and the mean for the backward, and recomputes the conv output u and
+    delta there (a conv and a thin matmul) instead of keeping two (b, K, L, d) activations per layer.
     """
 
     @staticmethod
-    def forward(ctx, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order, inverse,
+    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order, inverse,
                 cfg):
-        dtype, num_dirs, rank = x.dtype, A.shape[0], dt_proj_weight.shape[-1]
-        u = _conv_forward(x, conv_weight, conv_bias, order)
-        x_dbl = torch.matmul(u, x_proj_weight.to(dtype).transpose(1, 2))  # (b, K, L, R + 2N)
-        delta = torch.matmul(x_dbl[..., :rank], dt_proj_weight.to(dtype).transpose(1, 2))  # (b, K, L, d)
+        dtype, (num_dirs, d_inner, _), rank = xz.dtype, A.shape, dt_proj_weight.shape[-1]
+        batch, seqlen = xz.shape[:2]
+        x, z = xz[..., :d_inner], xz[..., d_inner:]
+        # direction-major activations (K, b L, c): the projections are K plain batched matmuls, no copies
+        u = _direction_major(_conv_forward(x, conv_weight, conv_bias, order))
+        x_dbl = torch.bmm(u, x_proj_weight.to(dtype).transpose(1, 2))  # (K, b L, R + 2N)
+        delta = torch.bmm(x_dbl[..., :rank], dt_proj_weight.to(dtype).transpose(1, 2))  # (K, b L, d)
         B, C = x_dbl[..., rank:].chunk(2, dim=-1)
-        y = _scan_forward(u, delta, A, B, C, D, dt_proj_bias, True, order, cfg)
-        ctx.save_for_backward(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order,
-                              inverse, x_dbl)
+        tokens = partial(_token_view, batch=batch)
+        y = _scan_forward(tokens(u), tokens(delta), A, tokens(B), tokens(C), D, dt_proj_bias, True, order, cfg)
+        del u, delta
+        out = torch.empty((batch, seqlen, d_inner), device=xz.device, dtype=dtype)
+        mean = torch.empty_like(out)
+        grid = (triton.cdiv(d_inner, GATE_BLOCK_D), triton.cdiv(seqlen, GATE_BLOCK_T), batch)
+        _gate_fwd[grid](y, z, out, mean, z.stride(0), z.stride(1), seqlen, d_inner, num_dirs,
+                        BLOCK_T=GATE_BLOCK_T, BLOCK_D=GATE_BLOCK_D, num_warps=4)
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order,
+                              inverse, x_dbl, mean)
         ctx.cfg = cfg
-        return y.sum(1).div_(num_dirs) if num_dirs > 1 else y[:, 0]
+        return out
 
     @staticmethod
-    def backward(ctx, dmean):
-        x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order, inverse, x_dbl = \
+    def backward(ctx, dout):
+        xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order, inverse, x_dbl, mean = \
             ctx.saved_tensors
-        dtype, num_dirs, rank = x.dtype, A.shape[0], dt_proj_weight.shape[-1]
-        batch, seqlen, d_inner = x.shape
+        dtype, (num_dirs, d_inner, _), rank = xz.dtype, A.shape, dt_proj_weight.shape[-1]
+        batch, seqlen = xz.shape[:2]
+        x, z = xz[..., :d_inner], xz[..., d_inner:]
+        dout = _channels_last(dout)
+        dxz = torch.empty_like(xz)
+        dy = torch.empty_like(mean)  # the gradient of each direction's y: dout silu(z) / K
+        grid = (triton.cdiv(d_inner, GATE_BLOCK_D), triton.cdiv(seqlen, GATE_BLOCK_T), batch)
+        _gate_bwd[grid](dout, mean, z, dy, dxz[..., d_inner:], dout.stride(0), dout.stride(1), z.stride(0),
+                        z.stride(1), dxz.stride(0), dxz.stride(1), seqlen, d_inner, num_dirs,
+                        BLOCK_T=GATE_BLOCK_T, BLOCK_D=GATE_BLOCK_D, num_warps=4)
+
         w_x, w_dt = x_proj_weight.to(dtype), dt_proj_weight.to(dtype)
-        u = _conv_forward(x, conv_weight, conv_bias, order)
+        u = _direction_major(_conv_forward(x, conv_weight, conv_bias, order))
         dt = x_dbl[..., :rank]
-        delta = torch.matmul(dt, w_dt.transpose(1, 2))
+        delta = torch.bmm(dt, w_dt.transpose(1, 2))
         B, C = x_dbl[..., rank:].chunk(2, dim=-1)
-        # every direction receives the mean's gradient / K: a stride-0 view, nothing materialised
-        dy = (_channels_last(dmean.to(dtype)) / num_dirs).unsqueeze(1).expand(batch, num_dirs, seqlen, d_inner)
-        du, ddelta, dA, dB, dC, dD, dbias = _scan_backward(dy, u, delta, A, B, C, D, dt_proj_bias, True, order,
-                                                           ctx.cfg)
-        flat = lambda t: t.transpose(0, 1).reshape(num_dirs, batch * seqlen, t.shape[-1])  # (K, b L, c)
-        d_dt = torch.matmul(ddelta, w_dt)  # (b, K, L, R)
-        d_w_dt = torch.bmm(flat(ddelta).transpose(1, 2), flat(dt))  # (K, d, R)
-        dx_dbl = torch.cat([d_dt, dB, dC], dim=-1)  # (b, K, L, R + 2N)
-        du = du + torch.matmul(dx_dbl, w_x)
-        d_w_x = torch.bmm(flat(dx_dbl).transpose(1, 2), flat(u))  # (K, R + 2N, d)
-        dx, d_conv_w, d_conv_b = _conv_backward(du, x, conv_weight, conv_bias, order, inverse)
-        return (dx, d_conv_w.to(conv_weight.dtype), d_conv_b.to(conv_bias.dtype), d_w_x.to(x_proj_weight.dtype),
+        tokens = partial(_token_view, batch=batch)
+        dy = dy.unsqueeze(1).expand(batch, num_dirs, seqlen, d_inner)  # the same for every direction: stride 0
+        du, ddelta, dA, dB, dC, dD, dbias = _scan_backward(
+            dy, tokens(u), tokens(delta), A, tokens(B), tokens(C), D, dt_proj_bias, True, order, ctx.cfg)
+        del delta
+        du, ddelta, dB, dC = (_direction_major(t) for t in (du, ddelta, dB, dC))
+        d_w_dt = torch.bmm(ddelta.transpose(1, 2), dt)  # (K, d, R)
+        dx_dbl = torch.cat([torch.bmm(ddelta, w_dt), dB, dC], dim=-1)  # (K, b L, R + 2N)
+        del ddelta
+        du.baddbmm_(dx_dbl, w_x)
+        d_w_x = torch.bmm(dx_dbl.transpose(1, 2), u)  # (K, R + 2N, d)
+        del u, dx_dbl
+        _, d_conv_w, d_conv_b = _conv_backward(tokens(du), x, conv_weight, conv_bias, order, inverse,
+                                               dxz[..., :d_inner])
+        return (dxz, d_conv_w.to(conv_weight.dtype), d_conv_b.to(conv_bias.dtype), d_w_x.to(x_proj_weight.dtype),
                 d_w_dt.to(dt_proj_weight.dtype), dbias, dA.to(A.dtype), dD, None, None, None)
 
 
+def _direction_major(t: torch.Tensor) -> torch.Tensor:
+    """(b, K, L, c) view of direction-major memory -> (K, b L, c) (a view when the memory is contiguous)."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1])
+
+
+def _token_view(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """(K, b L, c) -> the (b, K, L, c) view the kernels take."""
+    return t.view(t.shape[0], batch, -1, t.shape[-1]).transpose(0, 1)
+
+
+GATE_BLOCK_T, GATE_BLOCK_D = 16, 128
+
+
 def mixer_core_tokens(
-        x: torch.Tensor,
+        xz: torch.Tensor,
         conv_weight: torch.Tensor,
         conv_bias: torch.Tensor,
         x_proj_weight: torch.Tensor,
@@ -687,25 +766,25 @@ def mixer_core_tokens(
         inverse: Optional[torch.Tensor] = None,
         config: Optional[ScanConfig] = None,
 ) -> torch.Tensor:
-    """The K-direction mixer core on the Triton kernels, token-major (``scan_directions``' semantics).
+    """The K-direction mixer core on the Triton kernels, token-major (``mixer_core``'s semantics).
 
-    x: (b, L, d) with contiguous channels; conv_weight: (K, d, W); conv_bias, dt_proj_bias, D: (K, d);
-    x_proj_weight: (K, R + 2N, d); dt_proj_weight: (K, d, R); A: (K, d, N); order / inverse: (K, L) or None.
-    Returns the mean over directions of the scan outputs, (b, L, d) in x's dtype.
+    xz: (b, L, 2d) in-projection output [x, z], contiguous channels; conv_weight: (K, d, W); conv_bias,
+    dt_proj_bias, D: (K, d); x_proj_weight: (K, R + 2N, d); dt_proj_weight: (K, d, R); A: (K, d, N);
+    order / inverse: (K, L) or None. Returns mean over directions of the scan outputs * silu(z), (b, L, d).
     """
     if not has_triton:
         raise RuntimeError('timm_arm: the triton mixer needs triton installed')
-    batch, seqlen, d_inner = x.shape
-    num_dirs, _, d_state = A.shape
-    if conv_weight.shape[:2] != (num_dirs, d_inner) or x_proj_weight.shape[1:] != (
+    batch, seqlen, two_d = xz.shape
+    num_dirs, d_inner, d_state = A.shape
+    if two_d != 2 * d_inner or conv_weight.shape[:2] != (num_dirs, d_inner) or x_proj_weight.shape[1:] != (
             dt_proj_weight.shape[-1] + 2 * d_state, d_inner):
-        raise ValueError(f'mixer: conv_weight {tuple(conv_weight.shape)} / x_proj_weight '
-                         f'{tuple(x_proj_weight.shape)} do not fit x {tuple(x.shape)} and A {tuple(A.shape)}')
+        raise ValueError(f'mixer: xz {tuple(xz.shape)}, conv_weight {tuple(conv_weight.shape)}, x_proj_weight '
+                         f'{tuple(x_proj_weight.shape)} do not fit A {tuple(A.shape)}')
     if (order is None) != (inverse is None):
         raise ValueError('mixer: order and inverse go together')
     order = _check_order(order, num_dirs, seqlen)
     inverse = _check_order(inverse, num_dirs, seqlen, 'inverse')
     cfg = config or scan_config(d_inner, seqlen, d_state)
     return _MixerCore.apply(
-        _channels_last(x), conv_weight.contiguous(), conv_bias.contiguous(), x_proj_weight, dt_proj_weight,
+        _channels_last(xz), conv_weight.contiguous(), conv_bias.contiguous(), x_proj_weight, dt_proj_weight,
         dt_proj_bias.contiguous(), A.float().contiguous(), D.contiguous(), order, inverse, cfg)
