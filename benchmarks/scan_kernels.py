@@ -92,9 +92,8 @@ def sweep(shape, iters):
     dy = torch.randn_like(t['u'])
     fwd_rows, bwd_rows = [], []
     grids = ((fwd_rows, 'scan_fwd', itertools.product((2, 4, 8), (32, 64, 128), (1, 2))),
-             (bwd_rows, 'scan_bwd', [(T, bd, w, m) for T, bd, w in ((2, 8, 1), (2, 16, 1), (2, 32, 1), (2, 32, 2),
-                                                                  (2, 64, 2), (4, 16, 1))
-                                     for m in ((1, 4) if T == 2 else (4,))]))
+             (bwd_rows, 'scan_bwd', [(T, bd, w, m) for T, bd, w in ((2, 16, 1), (4, 8, 1), (1, 16, 1), (2, 32, 2))
+                                     for m in (1, 2, 4, 8)]))
     for rows, name, grid in grids:
         for T, bd, warps, *m in grid:
             if bd < 8 * warps:

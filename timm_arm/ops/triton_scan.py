@@ -301,169 +301,6 @@ if has_triton:
             tl.store(dbias_ptr + row64, dbias_acc, mask=mask_d)
 
     @triton.jit
-    def _step_inputs(u_base, dt_base, B_base, C_base, dy_base, order_ptr, k, t, offs_n, mask_d, mask_n, bias,
-                     su_l, sdt_l, sB_l, sC_l, sdy_l, seqlen, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     HAS_ORDER: tl.constexpr, WITH_GRAD: tl.constexpr):
-        """One scan step's inputs: u, delta (softplus'd, 0 past the end), pre-softplus delta, B, C, dy, token."""
-        valid = t < seqlen
-        if HAS_ORDER:
-            pos = tl.load(order_ptr + k * seqlen + t, mask=valid, other=0).to(tl.int64)
-        else:
-            pos = tl.where(valid, t, 0).to(tl.int64)
-        mask = mask_d & valid
-        u = tl.load(u_base + pos * su_l, mask=mask, other=0.).to(tl.float32)
-        raw = tl.load(dt_base + pos * sdt_l, mask=mask, other=0.).to(tl.float32)
-        if HAS_BIAS:
-            raw += bias
-        if SOFTPLUS:
-            dt = _softplus(raw)
-        else:
-            dt = raw
-        dt = tl.where(mask, dt, 0.)
-        Bt = tl.load(B_base + pos * sB_l, mask=mask_n & valid, other=0.).to(tl.float32)
-        if WITH_GRAD:
-            Ct = tl.load(C_base + pos * sC_l, mask=mask_n & valid, other=0.).to(tl.float32)
-            g = tl.load(dy_base + pos * sdy_l, mask=mask, other=0.).to(tl.float32)
-        else:
-            Ct = Bt
-            g = u
-        return u, dt, raw, Bt, Ct, g, pos, mask
-
-    @triton.jit
-    def _step_state(h, u_base, dt_base, B_base, order_ptr, k, t, offs_n, mask_d, mask_n, A2, bias,
-                    su_l, sdt_l, sB_l, seqlen, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                    HAS_ORDER: tl.constexpr):
-        """The state after step t, from the state h before it: (NP, BLOCK_D)."""
-        u, dt, _, Bt, _, _, _, _ = _step_inputs(u_base, dt_base, B_base, B_base, u_base, order_ptr, k, t, offs_n,
-                                                mask_d, mask_n, bias, su_l, sdt_l, sB_l, sB_l, su_l, seqlen,
-                                                HAS_BIAS, SOFTPLUS, HAS_ORDER, False)
-        return tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
-
-    @triton.jit
-    def _step_grads(lam_after, a_after, h_prev, a, u, dt, raw, Bt, Ct, g, A, Dv, SOFTPLUS: tl.constexpr):
-        """The adjoint at one step and the step's gradient terms; returns lam and the per-step outputs."""
-        lam = Ct[:, None] * g[None, :] + a_after * lam_after
-        ah = a * h_prev  # h_t - x_t
-        dtu = dt * u
-        h = ah + dtu[None, :] * Bt[:, None]
-        lam_h = lam * ah
-        lam_B = tl.sum(lam * Bt[:, None], axis=0)
-        ddt = tl.sum(lam_h * A, axis=0) + u * lam_B
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(raw)
-        du = dt * lam_B + Dv * g
-        dB = tl.sum(lam * dtu[None, :], axis=1)
-        dC = tl.sum(h * g[None, :], axis=1)
-        return lam, du, ddt, dB, dC, lam_h * dt[None, :]
-
-    @triton.jit
-    def _scan_bwd_pairs_kernel(
-            u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, order_ptr, dy_ptr, seg_ptr, loc_ptr,
-            du_ptr, ddt_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
-            su_b, su_k, su_l, su_d, sdt_b, sdt_k, sdt_l, sdt_d,
-            sB_b, sB_k, sB_l, sB_n, sC_b, sC_k, sC_l, sC_n, sdy_b, sdy_k, sdy_l, sdy_d,
-            seqlen, d_inner, d_state,
-            NP: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr,
-            HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr,
-    ):
-        """The backward with chunks of two steps written out: (NP, BLOCK_D) tiles, no scans, one exp per step in
-        the adjoint walk (each step's decay serves the step before it)."""
-        pid_d, k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        num_blocks, num_dirs = tl.num_programs(0), tl.num_programs(1)
-        num_segments = tl.cdiv(seqlen, 2 * M)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < d_inner
-        offs_n = tl.arange(0, NP)
-        mask_n = offs_n < d_state
-        row = k * d_inner + offs_d
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-
-        A = tl.load(A_ptr + row[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.).to(tl.float32)
-        A2 = A * 1.4426950408889634
-        Dv = tl.load(D_ptr + row, mask=mask_d & HAS_D, other=0.).to(tl.float32)
-        bias = tl.load(bias_ptr + row, mask=mask_d & HAS_BIAS, other=0.).to(tl.float32)
-
-        b64, k64 = b.to(tl.int64), k.to(tl.int64)
-        bk = k64 * tl.num_programs(2) + b64  # outputs are direction-major: (K, b, ...)
-        u_base = u_ptr + b64 * su_b + k64 * su_k + offs_d * su_d
-        dt_base = dt_ptr + b64 * sdt_b + k64 * sdt_k + offs_d * sdt_d
-        dy_base = dy_ptr + b64 * sdy_b + k64 * sdy_k + offs_d * sdy_d
-        B_base = B_ptr + b64 * sB_b + k64 * sB_k + offs_n * sB_n
-        C_base = C_ptr + b64 * sC_b + k64 * sC_k + offs_n * sC_n
-        out_base = bk * seqlen * d_inner + offs_d
-        seg_base = seg_ptr + bk * num_segments * NP * d_inner + offs_n[:, None] * d_inner + offs_d[None, :]
-        loc_base = loc_ptr + ((bk * num_blocks + pid_d) * M * NP + offs_n[:, None]) * BLOCK_D \
-            + tl.arange(0, BLOCK_D)[None, :]
-        part_base = ((bk * num_blocks + pid_d) * seqlen) * NP + offs_n
-
-        # pass 1: the state at every segment start (segments of M pairs of steps)
-        h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
-        for s in range(num_segments):
-            tl.store(seg_base + s * NP * d_inner, h, mask=mask_nd)
-            for t in range(s * 2 * M, s * 2 * M + 2 * M):
-                h = _step_state(h, u_base, dt_base, B_base, order_ptr, k, t, offs_n, mask_d, mask_n, A2, bias,
-                                su_l, sdt_l, sB_l, seqlen, HAS_BIAS, SOFTPLUS, HAS_ORDER)
-        tl.debug_barrier()
-
-        lam = tl.zeros((NP, BLOCK_D), dtype=tl.float32)  # lam of the step after the one at hand
-        a_after = tl.full((NP, BLOCK_D), 1., dtype=tl.float32)  # its decay (1 past the end)
-        dA_acc = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
-        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for si in range(num_segments):
-            s = num_segments - 1 - si
-            h = tl.load(seg_base + s * NP * d_inner, mask=mask_nd, other=0.)
-            for m in range(M):  # the pair starts of this segment
-                tl.store(loc_base + m * NP * BLOCK_D, h)
-                t0 = (s * M + m) * 2
-                h = _step_state(h, u_base, dt_base, B_base, order_ptr, k, t0, offs_n, mask_d, mask_n, A2, bias,
-                                su_l, sdt_l, sB_l, seqlen, HAS_BIAS, SOFTPLUS, HAS_ORDER)
-                h = _step_state(h, u_base, dt_base, B_base, order_ptr, k, t0 + 1, offs_n, mask_d, mask_n, A2, bias,
-                                su_l, sdt_l, sB_l, seqlen, HAS_BIAS, SOFTPLUS, HAS_ORDER)
-            tl.debug_barrier()
-            for mi in range(M):
-                m = M - 1 - mi
-                t0 = (s * M + m) * 2
-                h_start = tl.load(loc_base + m * NP * BLOCK_D)
-                u0, dt0, raw0, B0, C0, g0, pos0, mask0 = _step_inputs(
-                    u_base, dt_base, B_base, C_base, dy_base, order_ptr, k, t0, offs_n, mask_d, mask_n, bias,
-                    su_l, sdt_l, sB_l, sC_l, sdy_l, seqlen, HAS_BIAS, SOFTPLUS, HAS_ORDER, True)
-                u1, dt1, raw1, B1, C1, g1, pos1, mask1 = _step_inputs(
-                    u_base, dt_base, B_base, C_base, dy_base, order_ptr, k, t0 + 1, offs_n, mask_d, mask_n, bias,
-                    su_l, sdt_l, sB_l, sC_l, sdy_l, seqlen, HAS_BIAS, SOFTPLUS, HAS_ORDER, True)
-                a0 = tl.exp2(dt0[None, :] * A2)
-                a1 = tl.exp2(dt1[None, :] * A2)
-                h0 = a0 * h_start + (dt0 * u0)[None, :] * B0[:, None]
-                # step t0 + 1, then step t0
-                lam, du, ddt, dB, dC, dA = _step_grads(lam, a_after, h0, a1, u1, dt1, raw1, B1, C1, g1, A, Dv,
-                                                       SOFTPLUS)
-                dA_acc += dA
-                dD_acc += g1 * u1
-                dbias_acc += tl.where(mask1, ddt, 0.)
-                tl.store(du_ptr + out_base + pos1 * d_inner, du.to(du_ptr.dtype.element_ty), mask=mask1)
-                tl.store(ddt_ptr + out_base + pos1 * d_inner, ddt.to(ddt_ptr.dtype.element_ty), mask=mask1)
-                tl.store(dB_ptr + part_base + pos1 * NP, dB, mask=t0 + 1 < seqlen)
-                tl.store(dC_ptr + part_base + pos1 * NP, dC, mask=t0 + 1 < seqlen)
-                lam, du, ddt, dB, dC, dA = _step_grads(lam, a1, h_start, a0, u0, dt0, raw0, B0, C0, g0, A, Dv,
-                                                       SOFTPLUS)
-                a_after = a0
-                dA_acc += dA
-                dD_acc += g0 * u0
-                dbias_acc += tl.where(mask0, ddt, 0.)
-                tl.store(du_ptr + out_base + pos0 * d_inner, du.to(du_ptr.dtype.element_ty), mask=mask0)
-                tl.store(ddt_ptr + out_base + pos0 * d_inner, ddt.to(ddt_ptr.dtype.element_ty), mask=mask0)
-                tl.store(dB_ptr + part_base + pos0 * NP, dB, mask=t0 < seqlen)
-                tl.store(dC_ptr + part_base + pos0 * NP, dC, mask=t0 < seqlen)
-            tl.debug_barrier()
-
-        row64 = b64 * num_dirs * d_inner + row
-        tl.store(dA_ptr + row64[None, :] * NP + offs_n[:, None], dA_acc, mask=mask_nd)
-        if HAS_D:
-            tl.store(dD_ptr + row64, dD_acc, mask=mask_d)
-        if HAS_BIAS:
-            tl.store(dbias_ptr + row64, dbias_acc, mask=mask_d)
-
-    @triton.jit
     def _conv_pre(x_base, order_ptr, w_ptr, bias_ptr, k, t, row, mask_t, mask_d, sx_l, seqlen,
                   W: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """Pre-activation of the causal conv at scan steps t of direction k: (BLOCK_T, BLOCK_D) fp32."""
@@ -638,13 +475,12 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
     dB = torch.empty((num_dirs, batch, num_blocks, seqlen, np_), device=dev, dtype=f32)
     dC = torch.empty_like(dB)
     grid = (num_blocks, num_dirs, batch)
-    kernel, chunk = (_scan_bwd_pairs_kernel, {}) if cfg.T_bwd == 2 else (_scan_bwd_kernel, {'T': cfg.T_bwd})
-    _last_kernels['scan_bwd'] = kernel[grid](
+    _last_kernels['scan_bwd'] = _scan_bwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
         order if order is not None else A, dy, segments, chunk_starts,
         du, ddelta, dA, dD if dD is not None else dA, dbias if dbias is not None else dA, dB, dC,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), seqlen, d_inner, d_state,
-        NP=np_, BLOCK_D=cfg.block_d_bwd, M=cfg.chunks_per_segment, **chunk, HAS_D=D is not None,
+        NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, M=cfg.chunks_per_segment, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd)
     dA = dA.sum(0)[:, :d_state].reshape(A.shape)
     dB = dB.sum(2)[..., :d_state].transpose(0, 1)
