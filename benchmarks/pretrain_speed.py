@@ -127,7 +127,8 @@ def main() -> int:
         print('pretrain_speed.py needs a CUDA GPU.', file=sys.stderr)
         return 1
     from timm_arm.ops import resolve_backend
-    backend = resolve_backend(torch.empty(1, device='cuda'))  # 'cuda' = mamba-ssm kernels, 'torch' = slow path
+    # 'triton' = our kernels (the default), 'cuda' = mamba-ssm / causal-conv1d (TIMM_ARM_BACKEND=cuda)
+    backend = resolve_backend(torch.empty(1, device='cuda'), op='scan')
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
