@@ -91,27 +91,28 @@ def sweep(shape, iters):
             order[0].to(torch.int32))
     dy = torch.randn_like(t['u'])
     fwd_rows, bwd_rows = [], []
-    grids = ((fwd_rows, 'scan_fwd', itertools.product((2, 4, 8), (32, 64, 128), (1, 2))),
-             (bwd_rows, 'scan_bwd', [(T, bd, w, m) for T, bd, w in ((2, 16, 1), (4, 8, 1), (1, 16, 1), (2, 32, 2))
-                                     for m in (1, 2, 4, 8)]))
+    grids = ((fwd_rows, 'scan_fwd', itertools.product((4,), (32, 64), (1,))),
+             (bwd_rows, 'scan_bwd', [(2, 16, 1, m, r) for m in (2, 3, 4) for r in (None, 128, 96)]))
     for rows, name, grid in grids:
-        for T, bd, warps, *m in grid:
+        for T, bd, warps, *extra in grid:
             if bd < 8 * warps:
                 continue
-            cfg = ts.ScanConfig(T, bd, warps, T, bd, warps, *m)
+            cfg = ts.ScanConfig(T, bd, warps, T, bd, warps, *extra)
             call = (lambda: ts._scan_forward(*args, cfg)) if name == 'scan_fwd' else (
                 lambda: ts._scan_backward(dy, *args, cfg))
             try:
                 ms = cuda_median_ms(call, iters)
                 k = ts._last_kernels[name]
-                rows.append((ms, T, bd, warps, k.n_regs, k.n_spills, cfg.chunks_per_segment))
+                rows.append((ms, T, bd, warps, k.n_regs, k.n_spills, cfg.chunks_per_segment, cfg.max_registers_bwd))
             except Exception as e:  # out of resources etc.
                 print(f'  sweep {name} T={T} bd={bd} warps={warps}: {type(e).__name__}: {str(e)[:100]}')
     fwd_rows.sort()
     bwd_rows.sort()
     for name, rows in (('forward', fwd_rows), ('backward', bwd_rows)):
-        print(f'sweep {shape[:5]} {name}, best first (ms, T, BLOCK_D, warps, registers, spills, chunks/segment):')
-        print('  ' + ', '.join(f'{ms:.3f} T{T} bd{bd} w{w} r{r} s{sp} M{m}' for ms, T, bd, w, r, sp, m in rows[:10]))
+        print(f'sweep {shape[:5]} {name}, best first (ms, T, BLOCK_D, warps, registers, spills, chunks/segment, '
+              f'register cap):')
+        print('  ' + ', '.join(f'{ms:.3f} T{T} bd{bd} w{w} r{r} s{sp} M{m} cap{c}'
+                               for ms, T, bd, w, r, sp, m, c in rows[:10]))
     return dict(shape=shape[:5], forward=fwd_rows, backward=bwd_rows)
 
 

@@ -53,6 +53,7 @@ class ScanConfig(NamedTuple):
     block_d_bwd: int
     warps_bwd: int
     chunks_per_segment: int = 4  # backward: the state is kept in HBM at every segment start only
+    max_registers_bwd: Optional[int] = None  # backward: register cap per thread (more warps per SM, may spill)
 
 
 def _pow2(x: int) -> int:
@@ -481,7 +482,8 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
         du, ddelta, dA, dD if dD is not None else dA, dbias if dbias is not None else dA, dB, dC,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), seqlen, d_inner, d_state,
         NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, M=cfg.chunks_per_segment, HAS_D=D is not None,
-        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd)
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd,
+        **({'maxnreg': cfg.max_registers_bwd} if cfg.max_registers_bwd else {}))
     dA = dA.sum(0)[:, :d_state].reshape(A.shape)
     dB = dB.sum(2)[..., :d_state].transpose(0, 1)
     dC = dC.sum(2)[..., :d_state].transpose(0, 1)
