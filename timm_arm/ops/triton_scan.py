@@ -64,11 +64,13 @@ def scan_config(d_inner: int, seqlen: int, d_state: int) -> ScanConfig:
     """Tile sizes: channels across lanes, T steps x N states in each thread's registers.
 
     Swept on an H200 at ARM-B's training shape (b 128, 4 directions, L 197, d 768, N 16, bf16;
-    benchmarks/scan_kernels.py --sweep): forward best at T 4, 64 channels, 1 warp (0.72 ms); backward at T 2,
-    16 channels, 1 warp (6.0 ms; larger tiles run out of registers).
+    benchmarks/scan_kernels.py --sweep, results/h200_2026-11-27_scan_kernels_sweep*.json): forward best at T 4,
+    64 channels, 1 warp (0.72 ms); backward at T 2, 16 channels, 1 warp, capped at 128 registers (6.6 ms; 168
+    uncapped, 7.1 ms; larger tiles spill). Segments of 4 chunks keep the backward's scratch at 1/4 of the
+    chunk states (-1.9 GiB at ARM-B's training batch for +8 % backward time).
     """
     T = min(4, max(2, _pow2(seqlen)))
-    return ScanConfig(T, min(64, _pow2(d_inner)), 1, 2, min(16, _pow2(d_inner)), 1, 4)
+    return ScanConfig(T, min(64, _pow2(d_inner)), 1, 2, min(16, _pow2(d_inner)), 1, 4, 128)
 
 
 if has_triton:
