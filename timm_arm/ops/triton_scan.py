@@ -757,6 +757,7 @@ def _token_view(t: torch.Tensor, batch: int) -> torch.Tensor:
 GATE_BLOCK_T, GATE_BLOCK_D = 16, 128
 
 
+@torch.compiler.disable  # Triton launches and their autograd node stay opaque to torch.compile (a graph break)
 def mixer_core_tokens(
         xz: torch.Tensor,
         conv_weight: torch.Tensor,
