@@ -304,25 +304,12 @@ if has_triton:
             tl.store(dbias_ptr + row64, dbias_acc, mask=mask_d)
 
     @triton.jit
-    def _conv_pre(x_base, order_ptr, w_ptr, bias_ptr, k, t, row, mask_t, mask_d, sx_l, seqlen,
-                  W: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Pre-activation of the causal conv at scan steps t of direction k: (BLOCK_T, BLOCK_D) fp32."""
-        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-        acc += tl.load(bias_ptr + row, mask=mask_d, other=0.).to(tl.float32)[None, :]
-        for j in tl.static_range(W):
-            src = t - (W - 1) + j
-            valid = mask_t & (src >= 0)
-            psrc = _positions(order_ptr, k, src, seqlen, HAS_ORDER)
-            xv = tl.load(x_base + psrc[:, None] * sx_l, mask=valid[:, None] & mask_d[None, :], other=0.)
-            acc += xv.to(tl.float32) * tl.load(w_ptr + row * W + j, mask=mask_d, other=0.).to(tl.float32)[None, :]
-        return acc
-
-    @triton.jit
-    def _conv_fwd(
-            x_ptr, w_ptr, bias_ptr, order_ptr, u_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs,
-            W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
-    ):
-        pid_d, pid_t, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # kb = k * batch + b
+    def _conv_tile(x_ptr, w_ptr, bias_ptr, order_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs,
+                   W: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's tile of the causal conv: scan steps t of direction k, image b (program axis 2 is
+        k * batch + b), BLOCK_D channels. Returns the pre-activation (BLOCK_T, BLOCK_D) fp32 and the tile's
+        coordinates."""
+        pid_d, pid_t, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         batch = tl.num_programs(2) // num_dirs
         k, b = kb // batch, kb % batch
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -331,8 +318,23 @@ if has_triton:
         mask_t = t < seqlen
         row = k * d_inner + offs_d
         x_base = x_ptr + b.to(tl.int64) * sx_b + offs_d[None, :]
-        pre = _conv_pre(x_base, order_ptr, w_ptr, bias_ptr, k, t, row, mask_t, mask_d, sx_l, seqlen,
-                        W, HAS_ORDER, BLOCK_T, BLOCK_D)
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        acc += tl.load(bias_ptr + row, mask=mask_d, other=0.).to(tl.float32)[None, :]
+        for j in tl.static_range(W):
+            src = t - (W - 1) + j
+            valid = mask_t & (src >= 0)
+            psrc = _positions(order_ptr, k, src, seqlen, HAS_ORDER)
+            xv = tl.load(x_base + psrc[:, None] * sx_l, mask=valid[:, None] & mask_d[None, :], other=0.)
+            acc += xv.to(tl.float32) * tl.load(w_ptr + row * W + j, mask=mask_d, other=0.).to(tl.float32)[None, :]
+        return acc, kb, k, b, t, mask_t, offs_d, mask_d, x_base
+
+    @triton.jit
+    def _conv_fwd(
+            x_ptr, w_ptr, bias_ptr, order_ptr, u_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs,
+            W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
+    ):
+        pre, kb, k, b, t, mask_t, offs_d, mask_d, _ = _conv_tile(
+            x_ptr, w_ptr, bias_ptr, order_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs, W, HAS_ORDER, BLOCK_T, BLOCK_D)
         out = pre * tl.sigmoid(pre)
         pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
         u_base = u_ptr + kb.to(tl.int64) * seqlen * d_inner + offs_d[None, :]  # (K, b, L, d)
@@ -346,27 +348,17 @@ if has_triton:
             W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
         """d(pre-activation) in scan order, and per-program partial sums of dw (W rows) and dbias (row W)."""
-        pid_d, pid_t, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # kb = k * batch + b
-        batch = tl.num_programs(2) // num_dirs
-        k, b = kb // batch, kb % batch
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < d_inner
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        mask_t = t < seqlen
+        pre, kb, k, b, t, mask_t, offs_d, mask_d, x_base = _conv_tile(
+            x_ptr, w_ptr, bias_ptr, order_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs, W, HAS_ORDER, BLOCK_T, BLOCK_D)
         mask = mask_t[:, None] & mask_d[None, :]
-        row = k * d_inner + offs_d
-        x_base = x_ptr + b.to(tl.int64) * sx_b + offs_d[None, :]
-        pre = _conv_pre(x_base, order_ptr, w_ptr, bias_ptr, k, t, row, mask_t, mask_d, sx_l, seqlen,
-                        W, HAS_ORDER, BLOCK_T, BLOCK_D)
         pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
         g = tl.load(du_ptr + b.to(tl.int64) * sdu_b + k * sdu_k + pos[:, None] * sdu_l + offs_d[None, :],
                     mask=mask, other=0.).to(tl.float32)
         s = tl.sigmoid(pre)
         dpre = tl.where(mask, g * s * (1. + pre * (1. - s)), 0.)
         tl.store(dpre_ptr + kb.to(tl.int64) * seqlen * d_inner + t[:, None] * d_inner + offs_d[None, :],
-                 dpre.to(dpre_ptr.dtype.element_ty),
-                 mask=mask)
-        part = dw_ptr + ((kb * tl.num_programs(1) + pid_t) * (W + 1)) * d_inner + offs_d
+                 dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
+        part = dw_ptr + ((kb * tl.num_programs(1) + tl.program_id(1)) * (W + 1)) * d_inner + offs_d
         for j in tl.static_range(W):
             src = t - (W - 1) + j
             valid = mask_t & (src >= 0)
