@@ -116,6 +116,30 @@ def sweep(shape, iters):
     return dict(shape=shape[:5], forward=fwd_rows, backward=bwd_rows)
 
 
+def sweep_conv(shape, iters):
+    """The Triton conv's forward and backward over tile sizes (module-level constants of triton_scan)."""
+    batch, K, seqlen, d, N, grid = shape
+    _, order = token_inputs(*shape)
+    x = torch.randn(batch, seqlen, 2 * d, device='cuda', dtype=torch.bfloat16)
+    w = torch.randn(K, d, 4, device='cuda')
+    b = torch.randn(K, d, device='cuda')
+    order = tuple(o.to(torch.int32) for o in order)
+    du = torch.randn(batch, K, seqlen, d, device='cuda', dtype=torch.bfloat16)
+    saved, rows = (ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS), []
+    try:
+        for cfg in ((32, 64, 4), (16, 64, 2), (16, 128, 4), (64, 64, 4), (32, 128, 4), (8, 128, 2), (32, 32, 2)):
+            ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS = cfg
+            fwd = cuda_median_ms(lambda: ts._conv_forward(x[..., :d], w, b, order[0]), iters)
+            bwd = cuda_median_ms(lambda: ts._conv_backward(du, x[..., :d], w, b, *order), iters)
+            rows.append((fwd + bwd, fwd, bwd, cfg))
+    finally:
+        ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS = saved
+    rows.sort()
+    print(f'sweep conv {shape[:4]}, best first (fwd + bwd, fwd, bwd ms, (BLOCK_T, BLOCK_D, warps)):')
+    print('  ' + ', '.join(f'{t:.3f} {f:.3f} {bw:.3f} {c}' for t, f, bw, c in rows))
+    return dict(shape=shape[:5], conv=rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--json', default=None)
@@ -131,6 +155,7 @@ def main():
     for shape in shapes:
         if args.sweep:
             sweeps.append(sweep(shape, max(5, args.iters // 4)))
+            sweeps.append(sweep_conv(shape, max(5, args.iters // 4)))
         rows.append(time_shape(shape, args.iters, has_cuda))
         torch.cuda.empty_cache()
     print('| shape (b, K, L, d, N) | triton scan fwd / fwd+bwd | mamba-ssm scan fwd / fwd+bwd | '

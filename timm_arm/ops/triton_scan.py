@@ -587,7 +587,7 @@ def selective_scan_triton(
     return y
 
 
-CONV_BLOCK_T, CONV_BLOCK_D = 32, 64
+CONV_BLOCK_T, CONV_BLOCK_D, CONV_WARPS = 16, 64, 2  # conv tiles (swept on an H200 at ARM-B's shape)
 
 
 class _ConvTokens(torch.autograd.Function):
@@ -639,7 +639,7 @@ def _conv_forward(x, weight, bias, order):
     grid = (triton.cdiv(d_inner, CONV_BLOCK_D), triton.cdiv(seqlen, CONV_BLOCK_T), batch * num_dirs)
     _conv_fwd[grid](x, weight, bias, order if order is not None else weight, u, x.stride(0), x.stride(1),
                     seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D,
-                    HAS_ORDER=order is not None, num_warps=4)
+                    HAS_ORDER=order is not None, num_warps=CONV_WARPS)
     return u.transpose(0, 1)  # (b, K, L, d), direction-major in memory
 
 
@@ -655,13 +655,14 @@ def _conv_backward(du, x, weight, bias, order, inverse, dx=None):
     _conv_bwd_pre[grid](x, weight, bias, order if has_order else weight, du, dpre, dw,
                         x.stride(0), x.stride(1), du.stride(0), du.stride(1), du.stride(2),
                         seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D,
-                        HAS_ORDER=has_order, num_warps=4)
+                        HAS_ORDER=has_order, num_warps=CONV_WARPS)
     if dx is None:
         dx = torch.empty((batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch)
     _conv_bwd_dx[grid](dpre, weight, inverse if has_order else weight, dx, dx.stride(0), dx.stride(1), seqlen,
                        d_inner, num_dirs,
-                       W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D, HAS_ORDER=has_order, num_warps=4)
+                       W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D, HAS_ORDER=has_order,
+                       num_warps=CONV_WARPS)
     dw = dw.view(num_dirs, batch, t_blocks, width + 1, d_inner).sum((1, 2))  # (K, W + 1, d)
     return dx, dw[:, :width].transpose(1, 2), dw[:, width]
 
