@@ -92,8 +92,7 @@ def sweep(shape, iters):
     dy = torch.randn_like(t['u'])
     fwd_rows, bwd_rows = [], []
     grids = ((fwd_rows, 'scan_fwd', itertools.product((4,), (32, 64), (1,))),
-             (bwd_rows, 'scan_bwd', [(T, bd, 1, 4, r) for T, bd in ((2, 16), (2, 32), (4, 16), (2, 8))
-                                     for r in (None, 128)]))
+             (bwd_rows, 'scan_bwd', [(2, 16, 1, m, r) for m in (2, 3, 4) for r in (None, 128, 96)]))
     for rows, name, grid in grids:
         for T, bd, warps, *extra in grid:
             if bd < 8 * warps:

@@ -162,43 +162,24 @@ if has_triton:
             tl.store(y_base + pos[:, None] * d_inner, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _chunk_inputs(u_base, dt_base, B_base, order_ptr, k, t, mask_d, mask_n, bias, su_l, sdt_l, sB_l, seqlen,
-                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr):
-        """One chunk's inputs as 3-D tiles that broadcast against (T, NP, BLOCK_D) without layout changes:
-        u, delta, pre-softplus delta (T, 1, BLOCK_D); B (T, NP, 1); the token index (T, 1, 1); the mask."""
-        mask_t = t < seqlen
-        pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)[:, None, None]
-        mask = mask_t[:, None, None] & mask_d
-        # loaded as full (T, NP, BLOCK_D) tiles (the same value for every state): the loads then take the
-        # compute layout and nothing is converted through shared memory
-        full = tl.zeros_like(mask_n.to(tl.int64))
-        u = tl.load(u_base + pos * su_l + full, mask=mask, other=0.).to(tl.float32)
-        raw = tl.load(dt_base + pos * sdt_l + full, mask=mask, other=0.).to(tl.float32)
-        if HAS_BIAS:
-            raw += bias
-        if SOFTPLUS:
-            dt = _softplus(raw)
-        else:
-            dt = raw
-        dt = tl.where(mask, dt, 0.)  # padded steps: decay 1, input 0
-        Bt = tl.load(B_base + pos * sB_l + tl.zeros_like(mask_d.to(tl.int64)), mask=mask_t[:, None, None] & mask_n,
-                     other=0.).to(tl.float32)
-        return u, dt, raw, Bt, pos, mask
-
-    @triton.jit
-    def _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, c, offs_t, mask_d, mask_n, A2, bias,
+    def _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, c, offs_t, offs_n, mask_d, mask_n, A2, bias,
                          su_l, sdt_l, sB_l, seqlen, T: tl.constexpr, HAS_BIAS: tl.constexpr,
                          SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr):
-        """The state after chunk c (T steps), (1, NP, BLOCK_D), from the state h before it."""
-        u, dt, _, Bt, _, _ = _chunk_inputs(u_base, dt_base, B_base, order_ptr, k, c * T + offs_t, mask_d, mask_n,
-                                           bias, su_l, sdt_l, sB_l, seqlen, HAS_BIAS, SOFTPLUS, HAS_ORDER)
-        a = tl.exp2(dt * A2)
-        x = (dt * u) * Bt
-        x = tl.where(offs_t[:, None, None] == 0, x + a * h, x)
+        """The state after chunk c (T steps), from the state h before it."""
+        t = c * T + offs_t
+        mask_t = t < seqlen
+        pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
+        mask = mask_t[:, None] & mask_d[None, :]
+        u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
+        dt, _ = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_t[:, None] & mask_n[None, :], other=0.).to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+        x = (dt * u)[:, None, :] * Bt[:, :, None]
+        x = tl.where(offs_t[:, None, None] == 0, x + a * h[None, :, :], x)
         _, hs = tl.associative_scan((a, x), 0, _combine)
-        return tl.sum(tl.where(offs_t[:, None, None] == T - 1, hs, 0.), axis=0, keep_dims=True)
+        return tl.sum(tl.where(offs_t[:, None, None] == T - 1, hs, 0.), axis=0)
 
-    @triton.jit(do_not_specialize=['sB_n', 'sC_n'])
+    @triton.jit
     def _scan_bwd_kernel(
             u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, order_ptr, dy_ptr, seg_ptr, loc_ptr,
             du_ptr, ddt_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
@@ -208,119 +189,117 @@ if has_triton:
             NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, M: tl.constexpr,
             HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
-        # every tile is 3-D, (T | 1, NP | 1, BLOCK_D | 1), so that loads, the scan, the reductions (keep_dims) and
-        # the stores share one layout: no shared-memory round trips between them
         pid_d, k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         num_blocks, num_dirs = tl.num_programs(0), tl.num_programs(1)
         num_segments = tl.cdiv(seqlen, T * M)
-        offs_d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D))[None, None, :]
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d_inner
-        offs_n = tl.arange(0, NP)[None, :, None]
+        offs_n = tl.arange(0, NP)
         mask_n = offs_n < d_state
         offs_t = tl.arange(0, T)
         row = k * d_inner + offs_d
-        mask_nd = mask_n & mask_d
+        mask_nd = mask_n[:, None] & mask_d[None, :]
 
-        A = tl.load(A_ptr + row * d_state + offs_n, mask=mask_nd, other=0.).to(tl.float32)  # (1, NP, BLOCK_D)
+        A = tl.load(A_ptr + row[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.).to(tl.float32)
         A2 = A * 1.4426950408889634
         Dv = tl.load(D_ptr + row, mask=mask_d & HAS_D, other=0.).to(tl.float32)
         bias = tl.load(bias_ptr + row, mask=mask_d & HAS_BIAS, other=0.).to(tl.float32)
 
         b64, k64 = b.to(tl.int64), k.to(tl.int64)
         bk = k64 * tl.num_programs(2) + b64  # outputs are direction-major: (K, b, ...)
-        u_base = u_ptr + b64 * su_b + k64 * su_k + offs_d * su_d
-        dt_base = dt_ptr + b64 * sdt_b + k64 * sdt_k + offs_d * sdt_d
-        dy_base = dy_ptr + b64 * sdy_b + k64 * sdy_k + offs_d * sdy_d
-        B_base = B_ptr + b64 * sB_b + k64 * sB_k + offs_n * sB_n
-        C_base = C_ptr + b64 * sC_b + k64 * sC_k + offs_n * sC_n
-        out_base = bk * seqlen * d_inner + offs_d  # du, ddelta: contiguous (K, b, L, d)
+        u_base = u_ptr + b64 * su_b + k64 * su_k + offs_d[None, :] * su_d
+        dt_base = dt_ptr + b64 * sdt_b + k64 * sdt_k + offs_d[None, :] * sdt_d
+        dy_base = dy_ptr + b64 * sdy_b + k64 * sdy_k + offs_d[None, :] * sdy_d
+        B_base = B_ptr + b64 * sB_b + k64 * sB_k + offs_n[None, :] * sB_n
+        C_base = C_ptr + b64 * sC_b + k64 * sC_k + offs_n[None, :] * sC_n
+        out_base = bk * seqlen * d_inner + offs_d[None, :]  # du, ddelta: contiguous (K, b, L, d)
         # segment-start states (K, b, segments, NP, d), fp32, in HBM; the chunk starts of the segment at hand in
         # a small per-program scratch (K, b, blocks, M, NP, BLOCK_D) that stays in L2
-        seg_base = seg_ptr + bk * num_segments * NP * d_inner + offs_n * d_inner + offs_d
-        loc_base = loc_ptr + ((bk * num_blocks + pid_d) * M * NP + offs_n) * BLOCK_D \
-            + tl.arange(0, BLOCK_D)[None, None, :]
+        seg_base = seg_ptr + bk * num_segments * NP * d_inner + offs_n[:, None] * d_inner + offs_d[None, :]
+        loc_base = loc_ptr + ((bk * num_blocks + pid_d) * M * NP + offs_n[:, None]) * BLOCK_D \
+            + tl.arange(0, BLOCK_D)[None, :]
         # dB / dC partials (K, b, blocks, L, NP), fp32
-        part_base = ((bk * num_blocks + pid_d) * seqlen) * NP + offs_n
+        part_base = ((bk * num_blocks + pid_d) * seqlen) * NP + offs_n[None, :]
         first = offs_t[:, None, None] == 0
         last = offs_t[:, None, None] == T - 1
 
         # pass 1: re-run the recurrence, keeping the state at every segment start
-        h = tl.zeros((1, NP, BLOCK_D), dtype=tl.float32)
+        h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
         for s in range(num_segments):
             tl.store(seg_base + s * NP * d_inner, h, mask=mask_nd)
             for m in range(M):
-                h = _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, s * M + m, offs_t, mask_d, mask_n,
-                                     A2, bias, su_l, sdt_l, sB_l, seqlen, T, HAS_BIAS, SOFTPLUS, HAS_ORDER)
+                h = _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, s * M + m, offs_t, offs_n, mask_d,
+                                     mask_n, A2, bias, su_l, sdt_l, sB_l, seqlen, T, HAS_BIAS, SOFTPLUS, HAS_ORDER)
         tl.debug_barrier()  # the states written above are read back below, possibly by other threads
 
         # pass 2: segments in reverse; in each, the chunk starts, then the chunks in reverse
-        lam_next = tl.zeros((1, NP, BLOCK_D), dtype=tl.float32)  # lam at the first step of the later chunk
-        dA_acc = tl.zeros((1, NP, BLOCK_D), dtype=tl.float32)
-        dD_acc = tl.zeros((1, NP, BLOCK_D), dtype=tl.float32)  # the same for every state
-        dbias_acc = tl.zeros((1, 1, BLOCK_D), dtype=tl.float32)
+        lam_next = tl.zeros((NP, BLOCK_D), dtype=tl.float32)  # lam at the first step of the later chunk
+        dA_acc = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for si in range(num_segments):
             s = num_segments - 1 - si
             h = tl.load(seg_base + s * NP * d_inner, mask=mask_nd, other=0.)
             for m in range(M):
                 tl.store(loc_base + m * NP * BLOCK_D, h)
-                h = _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, s * M + m, offs_t, mask_d, mask_n,
-                                     A2, bias, su_l, sdt_l, sB_l, seqlen, T, HAS_BIAS, SOFTPLUS, HAS_ORDER)
+                h = _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, s * M + m, offs_t, offs_n, mask_d,
+                                     mask_n, A2, bias, su_l, sdt_l, sB_l, seqlen, T, HAS_BIAS, SOFTPLUS, HAS_ORDER)
             tl.debug_barrier()
             for mi in range(M):
                 m = M - 1 - mi
                 t = (s * M + m) * T + offs_t
-                u, dt, dt_raw, Bt, pos, mask = _chunk_inputs(
-                    u_base, dt_base, B_base, order_ptr, k, t, mask_d, mask_n, bias, su_l, sdt_l, sB_l, seqlen,
-                    HAS_BIAS, SOFTPLUS, HAS_ORDER)
-                # delta one step later: the adjoint's decay
-                _, dt1, _, _, _, _ = _chunk_inputs(
-                    u_base, dt_base, B_base, order_ptr, k, t + 1, mask_d, mask_n, bias, su_l, sdt_l, sB_l, seqlen,
-                    HAS_BIAS, SOFTPLUS, HAS_ORDER)
-                mask_t = (t < seqlen)[:, None, None]
-                Ct = tl.load(C_base + pos * sC_l + tl.zeros_like(mask_d.to(tl.int64)), mask=mask_t & mask_n,
-                             other=0.).to(tl.float32)
-                g = tl.load(dy_base + pos * sdy_l + tl.zeros_like(mask_n.to(tl.int64)), mask=mask, other=0.).to(
-                    tl.float32)
+                mask_t = t < seqlen
+                pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
+                pos1 = _positions(order_ptr, k, t + 1, seqlen, HAS_ORDER)  # one step later: the adjoint's decay
+                mask = mask_t[:, None] & mask_d[None, :]
+                mask1 = (t + 1 < seqlen)[:, None] & mask_d[None, :]
+                u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
+                dt, dt_raw = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+                dt1, _ = _delta(dt_base, pos1, sdt_l, mask1, bias, HAS_BIAS, SOFTPLUS)
+                mask_tn = mask_t[:, None] & mask_n[None, :]
+                Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_tn, other=0.).to(tl.float32)
+                Ct = tl.load(C_base + pos[:, None] * sC_l, mask=mask_tn, other=0.).to(tl.float32)
+                g = tl.load(dy_base + pos[:, None] * sdy_l, mask=mask, other=0.).to(tl.float32)
 
                 # the chunk's states from its start
                 h0 = tl.load(loc_base + m * NP * BLOCK_D)
-                a = tl.exp2(dt * A2)
+                a = tl.exp2(dt[:, None, :] * A2[None, :, :])
                 dtu = dt * u
-                x = dtu * Bt
-                _, hs = tl.associative_scan((a, tl.where(first, x + a * h0, x)), 0, _combine)
+                x = dtu[:, None, :] * Bt[:, :, None]
+                _, hs = tl.associative_scan((a, tl.where(first, x + a * h0[None, :, :], x)), 0, _combine)
 
                 # adjoint, the chunk's last step taking the later chunk's lam
-                a1 = tl.exp2(dt1 * A2)
-                beta = g * Ct
-                beta = tl.where(last, beta + a1 * lam_next, beta)
+                a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
+                beta = g[:, None, :] * Ct[:, :, None]
+                beta = tl.where(last, beta + a1 * lam_next[None, :, :], beta)
                 _, lam = tl.associative_scan((a1, beta), 0, _combine, reverse=True)
-                lam_next = tl.sum(tl.where(first, lam, 0.), axis=0, keep_dims=True)
+                lam_next = tl.sum(tl.where(first, lam, 0.), axis=0)
 
-                # per-channel results as sums over the states of full tiles (u, delta, dy hold the same value for
-                # every state), so that they need no per-channel tiles of another layout
                 lam_h = lam * (hs - x)  # lam_t a_t h_{t-1}
-                lam_B = lam * Bt
-                ddt = tl.sum(lam_h * A + u * lam_B, axis=1, keep_dims=True)  # (T, 1, BLOCK_D)
+                lam_B = tl.sum(lam * Bt[:, :, None], axis=1)  # (T, BLOCK_D)
+                ddt = tl.sum(lam_h * A[None, :, :], axis=1) + u * lam_B
+                du = dt * lam_B
+                if HAS_D:
+                    du += Dv[None, :] * g
+                    dD_acc += tl.sum(g * u, axis=0)
+                dA_acc += tl.sum(lam_h * dt[:, None, :], axis=0)
                 if SOFTPLUS:
-                    ddt = ddt * tl.sum(tl.where(offs_n == 0, tl.sigmoid(dt_raw), 0.), axis=1, keep_dims=True)
+                    ddt = ddt * tl.sigmoid(dt_raw)
                 ddt = tl.where(mask, ddt, 0.)
-                du = tl.sum(dt * lam_B + tl.where(offs_n == 0, Dv * g, 0.), axis=1, keep_dims=True)
-                dD_acc += tl.sum(g * u, axis=0, keep_dims=True)
-                dA_acc += tl.sum(lam_h * dt, axis=0, keep_dims=True)
-                dbias_acc += tl.sum(ddt, axis=0, keep_dims=True)
-                tl.store(du_ptr + out_base + pos * d_inner, du.to(du_ptr.dtype.element_ty), mask=mask)
-                tl.store(ddt_ptr + out_base + pos * d_inner, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+                dbias_acc += tl.sum(ddt, axis=0)
+                tl.store(du_ptr + out_base + pos[:, None] * d_inner, du.to(du_ptr.dtype.element_ty), mask=mask)
+                tl.store(ddt_ptr + out_base + pos[:, None] * d_inner, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
 
-                dB = tl.sum(lam * dtu, axis=2, keep_dims=True)  # (T, NP, 1); masked channels have dt = 0
-                dC = tl.sum(hs * g, axis=2, keep_dims=True)  # masked channels have g = 0
-                tl.store(dB_ptr + part_base + pos * NP, dB, mask=mask_t)
-                tl.store(dC_ptr + part_base + pos * NP, dC, mask=mask_t)
+                dB = tl.sum(lam * dtu[:, None, :], axis=2)  # (T, NP); masked channels have dt = 0
+                dC = tl.sum(hs * g[:, None, :], axis=2)  # masked channels have g = 0
+                tl.store(dB_ptr + part_base + pos[:, None] * NP, dB, mask=mask_t[:, None])
+                tl.store(dC_ptr + part_base + pos[:, None] * NP, dC, mask=mask_t[:, None])
             tl.debug_barrier()  # the next segment overwrites the chunk starts
 
         row64 = b64 * num_dirs * d_inner + row  # dA, dD, dbias partials: (b, K * d)
-        tl.store(dA_ptr + row64 * NP + offs_n, dA_acc, mask=mask_nd)
+        tl.store(dA_ptr + row64[None, :] * NP + offs_n[:, None], dA_acc, mask=mask_nd)
         if HAS_D:
-            tl.store(dD_ptr + row64, tl.sum(tl.where(offs_n == 0, dD_acc, 0.), axis=1, keep_dims=True), mask=mask_d)
+            tl.store(dD_ptr + row64, dD_acc, mask=mask_d)
         if HAS_BIAS:
             tl.store(dbias_ptr + row64, dbias_acc, mask=mask_d)
 
