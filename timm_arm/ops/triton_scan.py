@@ -27,7 +27,7 @@ Conv: u[k, order[k, t]] = silu(bias_k + sum_j w_kj x[order[k, t - W + 1 + j]]) (
 read straight from the in-projection's output. Its backward writes d(pre-activation) in scan order, then sums,
 for every token, the contributions of all K directions into one dx.
 """
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple, Optional
 
 import torch
@@ -433,6 +433,16 @@ if has_triton:
 _last_kernels = {}  # the latest compiled kernels, for benchmarks (registers, spills)
 
 
+@lru_cache(maxsize=None)
+def _has_register_cap() -> bool:
+    """Whether this triton takes a per-kernel register cap (``maxnreg``; older versions do not)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        return 'maxnreg' in CUDAOptions.__dataclass_fields__
+    except Exception:  # pragma: no cover - another triton layout: run uncapped
+        return False
+
+
 def _channels_last(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
@@ -477,7 +487,7 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), seqlen, d_inner, d_state,
         NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, M=cfg.chunks_per_segment, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd,
-        **({'maxnreg': cfg.max_registers_bwd} if cfg.max_registers_bwd else {}))
+        **({'maxnreg': cfg.max_registers_bwd} if cfg.max_registers_bwd and _has_register_cap() else {}))
     dA = dA.sum(0)[:, :d_state].reshape(A.shape)
     dB = dB.sum(2)[..., :d_state].transpose(0, 1)
     dC = dC.sum(2)[..., :d_state].transpose(0, 1)
