@@ -159,3 +159,13 @@ def test_dispatch_runs_torch_path_on_cpu():
     t = _inputs(1, 2, 3, 9, 4)
     out = selective_scan(**t, delta_softplus=True)
     assert torch.equal(out, selective_scan_torch(**t, delta_softplus=True))
+
+
+def test_triton_backend_on_cpu_only_under_the_interpreter(monkeypatch):
+    x = torch.randn(1, 2, 3)
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    with pytest.raises(RuntimeError, match='"triton" needs CUDA tensors'):
+        ops.resolve_backend(x, 'triton', op='scan')
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    assert ops.resolve_backend(x, 'triton', op='scan') == 'triton'
+    assert ops.resolve_backend(x, op='scan') == 'torch'  # 'auto' on CPU stays on PyTorch
