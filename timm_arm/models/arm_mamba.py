@@ -17,7 +17,7 @@ This implementation: the timm-arm authors (Apache-2.0).
 """
 import logging
 import math
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
