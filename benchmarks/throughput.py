@@ -109,7 +109,7 @@ def profile(model, batch, steps=3):
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
     print(f'kernel time per step: {total / steps / 1e3:.1f} ms')
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:18]:
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
         print(f'  {100 * e.self_device_time_total / total:5.1f} %  {e.self_device_time_total / steps / 1e3:7.2f} ms  '
               f'{e.count // steps:4d}x  {e.key[:90]}')
     del opt, model

@@ -27,6 +27,7 @@ Conv: u[k, order[k, t]] = silu(bias_k + sum_j w_kj x[order[k, t - W + 1 + j]]) (
 read straight from the in-projection's output. Its backward writes d(pre-activation) in scan order, then sums,
 for every token, the contributions of all K directions into one dx.
 """
+import os
 from functools import lru_cache, partial
 from typing import NamedTuple, Optional
 
@@ -39,6 +40,13 @@ try:
 except ImportError:  # pragma: no cover - the package works without triton, this backend does not
     triton = tl = None
     has_triton = False
+
+_fast_log2 = None
+if has_triton and os.environ.get('TRITON_INTERPRET') != '1' and torch.version.hip is None:
+    try:  # lg2.approx (one MUFU op) instead of libm's polynomial log in softplus
+        from triton.language.extra.cuda.libdevice import fast_log2f as _fast_log2
+    except ImportError:  # pragma: no cover - older triton: the portable log
+        pass
 
 __all__ = [
     'selective_scan_triton', 'selective_scan_tokens', 'causal_conv1d_silu_tokens', 'mixer_core_tokens', 'has_triton', 'ScanConfig',
@@ -80,10 +88,19 @@ if has_triton:
         # (a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2
         return a1 * a2, a2 * b1 + b2
 
+    _FAST_LOG2 = tl.constexpr(_fast_log2 is not None)
+
+    @triton.jit
+    def _log2(x):
+        if _FAST_LOG2:
+            return _fast_log2(x)
+        else:  # Triton's interpreter, ROCm
+            return tl.log2(x)
+
     @triton.jit
     def _softplus(x):
-        # log(1 + e^x) without overflow and without losing small values
-        return tl.maximum(x, 0.) + tl.log(1. + tl.exp(-tl.abs(x)))
+        # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|): no overflow
+        return tl.maximum(x, 0.) + _log2(1. + tl.exp2(tl.abs(x) * -1.4426950408889634)) * 0.6931471805599453
 
     @triton.jit
     def _positions(order_ptr, k, t, seqlen, HAS_ORDER: tl.constexpr):
@@ -272,7 +289,10 @@ if has_triton:
                 a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
                 beta = g[:, None, :] * Ct[:, :, None]
                 beta = tl.where(last, beta + a1 * lam_next[None, :, :], beta)
-                _, lam = tl.associative_scan((a1, beta), 0, _combine, reverse=True)
+                # a reverse scan, as a forward scan of the flipped chunk: time lies in each thread's registers, so
+                # the flips are free (tl.associative_scan(reverse=True) shuffles across lanes)
+                _, lam = tl.associative_scan((tl.flip(a1, 0), tl.flip(beta, 0)), 0, _combine)
+                lam = tl.flip(lam, 0)
                 lam_next = tl.sum(tl.where(first, lam, 0.), axis=0)
 
                 lam_h = lam * (hs - x)  # lam_t a_t h_{t-1}
@@ -658,7 +678,8 @@ def _conv_backward(du, x, weight, bias, order, inverse, dx=None):
     num_dirs, _, width = weight.shape
     t_blocks = triton.cdiv(seqlen, CONV_BLOCK_T)
     f32 = torch.float32
-    dpre = torch.empty((num_dirs, batch, seqlen, d_inner), device=x.device, dtype=f32)
+    # d(pre-activation) in the activations' dtype: fp32 only where they are (dw sums it in fp32 inside the kernel)
+    dpre = torch.empty((num_dirs, batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
     dw = torch.empty((num_dirs * batch, t_blocks, width + 1, d_inner), device=x.device, dtype=f32)
     has_order = order is not None
     grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch * num_dirs)
