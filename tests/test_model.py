@@ -219,3 +219,29 @@ def test_training_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+@pytest.mark.parametrize('dim, seed', [(20, 0), (1024, 1), (36, 2)])
+def test_aligned_swiglu_equals_timm_glumlp(dim, seed):
+    # ARM's SwiGLU width dim * 8 // 3 (2730 for ARM-L; 53 for 20; 96 for 36, already aligned) is padded to a
+    # multiple of 8 inside the forward; outputs and every gradient must be timm's GluMlp's
+    from timm.layers import GluMlp
+    from timm_arm.models.arm_mamba import AlignedGluMlp
+    hidden = int(dim * 4 * 2 / 3)
+    torch.manual_seed(seed)
+    mlp = AlignedGluMlp(dim, 2 * hidden, act_layer=torch.nn.SiLU, gate_last=False)
+    with torch.no_grad():
+        mlp.fc1.bias.normal_()
+        mlp.fc2.bias.normal_()
+    x = torch.randn(2, 9, dim)
+    results = []
+    for forward in (mlp.forward, lambda t: GluMlp.forward(mlp, t)):
+        xi = x.clone().requires_grad_()
+        out = forward(xi)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)))
+        results.append([out.detach(), xi.grad] + [p.grad for p in mlp.parameters()])
+        mlp.zero_grad(set_to_none=True)
+    for ours, timms in zip(*results):
+        assert ours.shape == timms.shape
+        torch.testing.assert_close(ours, timms, rtol=1e-5, atol=1e-6)
+    assert isinstance(timm.create_model('arm_mamba_large', device='meta').blocks[0].mlp, AlignedGluMlp)

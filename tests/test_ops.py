@@ -169,3 +169,12 @@ def test_triton_backend_on_cpu_only_under_the_interpreter(monkeypatch):
     monkeypatch.setenv('TRITON_INTERPRET', '1')
     assert ops.resolve_backend(x, 'triton', op='scan') == 'triton'
     assert ops.resolve_backend(x, op='scan') == 'torch'  # 'auto' on CPU stays on PyTorch
+
+
+def test_swiglu_dispatch_on_cpu(monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    gen = torch.Generator().manual_seed(3)
+    gate, value = torch.randn(4, 37, generator=gen), torch.randn(4, 37, generator=gen)
+    torch.testing.assert_close(ops.swiglu(gate, value), torch.nn.functional.silu(gate) * value, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match='"triton" needs CUDA tensors'):
+        ops.swiglu(gate, value, backend='triton')

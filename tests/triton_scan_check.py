@@ -163,6 +163,24 @@ def check_conv(shape, permute, device, dtype=torch.float32, seed=0, tol=1e-5):
     return ok
 
 
+def check_swiglu(shape, device, dtype=torch.float32, seed=0, tol=1e-5):
+    """The fused silu(gate) * value: output and both gradients against PyTorch's ops in fp32."""
+    from timm_arm.ops.triton_scan import swiglu_triton
+    g = torch.Generator().manual_seed(seed)
+    gate, value, dout = (torch.randn(*shape, generator=g).mul(3).to(device, dtype) for _ in range(3))
+    gate, value = gate.requires_grad_(), value.requires_grad_()
+    out = swiglu_triton(gate, value)
+    grads = torch.autograd.grad(out, (gate, value), dout)
+    gr, vr = (t.detach().float().requires_grad_() for t in (gate, value))
+    ref = torch.nn.functional.silu(gr) * vr
+    ref_grads = torch.autograd.grad(ref, (gr, vr), dout.float())
+    errs = {'out': rel_err(out, ref), 'gate': rel_err(grads[0], ref_grads[0]), 'value': rel_err(grads[1], ref_grads[1])}
+    worst = max(errs, key=errs.get)
+    ok = errs[worst] < tol and out.dtype == dtype and all(t.dtype == dtype for t in grads)
+    print(f'{"ok  " if ok else "FAIL"} swiglu shape={shape} {dtype} worst={worst} {errs[worst]:.2e}', flush=True)
+    return ok
+
+
 def check_model(device, tol=1e-4):
     """A small ARM classifier (4 directions, class token in the middle) and the 1-direction pretrainer: logits
     and every parameter gradient of the Triton path against the PyTorch path."""
@@ -247,6 +265,9 @@ def main():
     for shape, permute in CONV_CASES:
         ok &= check_conv(shape, permute, device)
     ok &= check_conv((2, 4, 19, 6, 4), True, device, dtype=torch.bfloat16, tol=1e-2)
+    for seed, shape in enumerate([(3, 7, 53), (2, 4100), (1,)]):
+        ok &= check_swiglu(shape, device, seed=seed)
+    ok &= check_swiglu((5, 3000), device, dtype=torch.bfloat16, seed=7, tol=1e-2)
     ok &= check_model(device)
     print('ALL OK' if ok else 'FAILURES')
     sys.exit(0 if ok else 1)

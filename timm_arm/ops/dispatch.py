@@ -12,7 +12,8 @@ environment variable, then ``'auto'``:
     'torch':  plain PyTorch everywhere
 
 ``mixer_core`` is the mixer's core (conv, x / dt projections, scan over K directions) for every backend;
-``selective_scan`` and ``causal_conv1d_silu`` are the single ops in mamba-ssm's channel-first layout.
+``selective_scan`` and ``causal_conv1d_silu`` are the single ops in mamba-ssm's channel-first layout;
+``swiglu`` is the MLP's silu(gate) * value (one Triton kernel wherever the Triton scan runs).
 """
 import functools
 import importlib.util
@@ -27,7 +28,7 @@ import torch.utils.checkpoint
 from .causal_conv1d import causal_conv1d_silu_cuda, causal_conv1d_silu_torch
 from .selective_scan import selective_scan_cuda_fn, selective_scan_torch
 
-__all__ = ['mixer_core', 'selective_scan', 'causal_conv1d_silu', 'set_backend', 'get_backend', 'resolve_backend', 'choose_backend',
+__all__ = ['mixer_core', 'swiglu', 'selective_scan', 'causal_conv1d_silu', 'set_backend', 'get_backend', 'resolve_backend', 'choose_backend',
            'has_cuda_kernels']
 
 _BACKENDS = ('auto', 'cuda', 'torch', 'triton')
@@ -199,3 +200,12 @@ def mixer_core(
     else:
         y = y.gather(-1, order[1].view(1, K, 1, seqlen).expand(batch, K, d, seqlen)).sum(1) / K
     return y.transpose(1, 2) * F.silu(xz[..., d:])
+
+
+def swiglu(gate: torch.Tensor, value: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """silu(gate) * value: one fused Triton kernel (forward and backward) where the Triton scan runs, else
+    PyTorch's two ops."""
+    if resolve_backend(gate, backend, op='scan') == 'triton':
+        from .triton_scan import swiglu_triton
+        return swiglu_triton(gate, value)
+    return F.silu(gate) * value

@@ -49,7 +49,7 @@ if has_triton and os.environ.get('TRITON_INTERPRET') != '1' and torch.version.hi
         pass
 
 __all__ = [
-    'selective_scan_triton', 'selective_scan_tokens', 'causal_conv1d_silu_tokens', 'mixer_core_tokens', 'has_triton', 'ScanConfig',
+    'swiglu_triton', 'selective_scan_triton', 'selective_scan_tokens', 'causal_conv1d_silu_tokens', 'mixer_core_tokens', 'has_triton', 'ScanConfig',
     'scan_config']
 
 
@@ -450,6 +450,28 @@ if has_triton:
                  (g * mean * s * (1. + z * (1. - s))).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
+if has_triton:
+
+    @triton.jit
+    def _swiglu_fwd(gate_ptr, value_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        a = tl.load(gate_ptr + offs, mask=mask, other=0.).to(tl.float32)
+        v = tl.load(value_ptr + offs, mask=mask, other=0.).to(tl.float32)
+        tl.store(out_ptr + offs, (a * tl.sigmoid(a) * v).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd(gate_ptr, value_ptr, dout_ptr, dgate_ptr, dvalue_ptr, numel, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        a = tl.load(gate_ptr + offs, mask=mask, other=0.).to(tl.float32)
+        v = tl.load(value_ptr + offs, mask=mask, other=0.).to(tl.float32)
+        g = tl.load(dout_ptr + offs, mask=mask, other=0.).to(tl.float32)
+        s = tl.sigmoid(a)
+        tl.store(dgate_ptr + offs, (g * v * s * (1. + a * (1. - s))).to(dgate_ptr.dtype.element_ty), mask=mask)
+        tl.store(dvalue_ptr + offs, (g * a * s).to(dvalue_ptr.dtype.element_ty), mask=mask)
+
+
 _last_kernels = {}  # the latest compiled kernels, for benchmarks (registers, spills)
 
 
@@ -817,3 +839,39 @@ def mixer_core_tokens(
     return _MixerCore.apply(
         _channels_last(xz), conv_weight.contiguous(), conv_bias.contiguous(), x_proj_weight, dt_proj_weight,
         dt_proj_bias.contiguous(), A.float().contiguous(), D.contiguous(), order, inverse, cfg)
+
+
+SWIGLU_BLOCK = 2048
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * value in one pass; keeps gate and value (not silu(gate)) for the backward."""
+
+    @staticmethod
+    def forward(ctx, gate, value):
+        gate, value = gate.contiguous(), value.contiguous()
+        out = torch.empty_like(gate)
+        grid = (triton.cdiv(gate.numel(), SWIGLU_BLOCK),)
+        _swiglu_fwd[grid](gate, value, out, gate.numel(), BLOCK=SWIGLU_BLOCK, num_warps=8)
+        ctx.save_for_backward(gate, value)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, value = ctx.saved_tensors
+        dgate, dvalue = torch.empty_like(gate), torch.empty_like(value)
+        grid = (triton.cdiv(gate.numel(), SWIGLU_BLOCK),)
+        _swiglu_bwd[grid](gate, value, dout.contiguous(), dgate, dvalue, gate.numel(), BLOCK=SWIGLU_BLOCK,
+                          num_warps=8)
+        return dgate, dvalue
+
+
+@torch.compiler.disable
+def swiglu_triton(gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * value (same shapes and dtypes) as one Triton kernel, forward and backward."""
+    if not has_triton:
+        raise RuntimeError('timm_arm: the triton SwiGLU needs triton installed')
+    if gate.shape != value.shape or gate.dtype != value.dtype:
+        raise ValueError(f'swiglu: gate and value must match, got {tuple(gate.shape)} {gate.dtype} and '
+                         f'{tuple(value.shape)} {value.dtype}')
+    return _SwiGLU.apply(gate, value)
