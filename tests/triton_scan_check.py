@@ -251,6 +251,11 @@ def check_layouts_and_dtypes(device):
     return ok
 
 
+# Triton's CPU interpreter converts fp32 to bf16 by truncation (round toward zero) where the GPU rounds to nearest:
+# every bf16 store carries up to twice the rounding error there
+BF16_TOL = 2e-2 if os.environ.get('TRITON_INTERPRET') == '1' else 1e-2
+
+
 def main():
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     quick = '--quick' in sys.argv
@@ -261,13 +266,13 @@ def main():
     for shape, permute in TOKEN_CASES:
         for config in CONFIGS[:1] if quick else CONFIGS:
             ok &= check_tokens(shape, permute, device, config=config)
-    ok &= check_tokens((2, 4, 19, 6, 8), True, device, dtype=torch.bfloat16, tol=1e-2)
+    ok &= check_tokens((2, 4, 19, 6, 8), True, device, dtype=torch.bfloat16, tol=BF16_TOL)
     for shape, permute in CONV_CASES:
         ok &= check_conv(shape, permute, device)
-    ok &= check_conv((2, 4, 19, 6, 4), True, device, dtype=torch.bfloat16, tol=1e-2)
+    ok &= check_conv((2, 4, 19, 6, 4), True, device, dtype=torch.bfloat16, tol=BF16_TOL)
     for seed, shape in enumerate([(3, 7, 53), (2, 4100), (1,)]):
         ok &= check_swiglu(shape, device, seed=seed)
-    ok &= check_swiglu((5, 3000), device, dtype=torch.bfloat16, seed=7, tol=1e-2)
+    ok &= check_swiglu((5, 3000), device, dtype=torch.bfloat16, seed=7, tol=BF16_TOL)
     ok &= check_model(device)
     print('ALL OK' if ok else 'FAILURES')
     sys.exit(0 if ok else 1)
