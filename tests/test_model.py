@@ -245,3 +245,19 @@ def test_aligned_swiglu_equals_timm_glumlp(dim, seed):
         assert ours.shape == timms.shape
         torch.testing.assert_close(ours, timms, rtol=1e-5, atol=1e-6)
     assert isinstance(timm.create_model('arm_mamba_large', device='meta').blocks[0].mlp, AlignedGluMlp)
+
+
+def test_scan_orders_cached_under_inference_mode_still_train():
+    # the orders are cached per grid; a first call under torch.inference_mode must not cache inference tensors
+    # that a later training step saves for backward
+    scan_orders.cache_clear()
+    model = ArmMamba(**SMALL, num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    order, inverse = scan_orders((4, 4), 4, 8, torch.device('cpu'))
+    assert not order.is_inference() and not inverse.is_inference()
+    out = model(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

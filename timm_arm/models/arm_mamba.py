@@ -33,6 +33,8 @@ from timm.models._manipulate import checkpoint
 
 from timm_arm.ops import mixer_core, swiglu
 
+register_notrace_function(swiglu)  # it dispatches on the tensors' device: a leaf call for FX
+
 __all__ = ['ArmMamba', 'MultiDirectionMamba', 'ArmBlock', 'scan_orders', 'resample_pos_embed', 'HUB_ORG']
 
 _logger = logging.getLogger(__name__)
@@ -57,19 +59,19 @@ def scan_orders(
         return None
     if num_directions not in (2, 4):
         raise ValueError(f'num_directions must be 1, 2 or 4, got {num_directions}')
-    H, W = grid_size
-    column_major = torch.arange(H * W).view(H, W).t().flatten()
-    row_major = torch.arange(H * W)
+    with torch.inference_mode(False):  # cached across calls: none of it may be an inference tensor
+        H, W = grid_size
+        column_major = torch.arange(H * W).view(H, W).t().flatten()
+        row_major = torch.arange(H * W)
 
-    def with_cls(patch_order):
-        if cls_index is None:
-            return patch_order
-        token = patch_order + (patch_order >= cls_index).long()
-        return torch.cat([token[:cls_index], token.new_tensor([cls_index]), token[cls_index:]])
+        def with_cls(patch_order):
+            if cls_index is None:
+                return patch_order
+            token = patch_order + (patch_order >= cls_index).long()
+            return torch.cat([token[:cls_index], token.new_tensor([cls_index]), token[cls_index:]])
 
-    rows, cols = with_cls(row_major), with_cls(column_major)
-    order = torch.stack([rows, rows.flip(0), cols, cols.flip(0)][:num_directions])
-    with torch.inference_mode(False):  # cached across calls: must not become inference tensors
+        rows, cols = with_cls(row_major), with_cls(column_major)
+        order = torch.stack([rows, rows.flip(0), cols, cols.flip(0)][:num_directions])
         return order.to(device), order.argsort(dim=1).to(device)
 
 
