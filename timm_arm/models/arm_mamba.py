@@ -200,14 +200,14 @@ class MultiDirectionMamba(nn.Module):
 
 
 class AlignedGluMlp(GluMlp):
-    """timm's GluMlp (same parameters, same results) computed as two GEMMs with contiguous, aligned outputs.
+    """timm's GluMlp, same parameters and results, computed the fast way on GPUs.
 
-    fc1's gate and value halves run as two GEMMs with contiguous outputs, and silu(gate) * value as one fused
-    kernel on GPU (on the halves of one GEMM's output, SiLU and the product ran as PyTorch's strided, unvectorised
-    elementwise kernels, and autograd kept silu(gate) as a third activation); their width is
-    zero-padded to a multiple of 8: ARM's SwiGLU width dim * 4 * 2 // 3 is 2730 for ARM-L, and rows of 2730 bf16
-    values are not 16-byte aligned, which sends cuBLAS to slow GEMM kernels (43 % of ARM-L's inference time on
-    an H200). The zero rows / columns add exact zeros.
+    - fc1's gate and value halves run as two GEMMs with contiguous outputs, and silu(gate) * value as one fused
+      kernel (timm's version runs SiLU and the product as strided, unvectorised kernels on the halves of one
+      GEMM's output, and autograd keeps silu(gate) as a third activation);
+    - the hidden width is zero-padded to a multiple of 8: ARM's SwiGLU width dim * 4 * 2 // 3 is 2730 for ARM-L,
+      and rows of 2730 bf16 values are not 16-byte aligned, which sends cuBLAS to slow GEMM kernels (43 % of
+      ARM-L's inference time on an H200). The zero rows / columns add exact zeros.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ every segment start (M chunks) to a scratch buffer that lives only during this l
 the segments in reverse: re-runs the segment, keeping its chunk starts in a few KiB per program that stay in L2,
 then walks its chunks in reverse, recomputes each chunk's states and runs the adjoint
     lam_t = C_t y'_t + a_{t+1} lam_{t+1}        (a_t = exp(delta_t A); a_{t+1} from a second load one step later)
-as a reverse associative scan (run as a forward scan of the flipped chunk). With x_t = delta_t B_t u_t, a_t h_{t-1} = h_t - x_t (no division):
+as a reverse associative scan (a forward scan of the flipped chunk). With x_t = delta_t B_t u_t,
+a_t h_{t-1} = h_t - x_t (no division):
     ddelta_t = sum_n lam_t ((h_t - x_t) A + u_t B_t),   du_t = delta_t sum_n lam_t B_t + D y'_t,
     dA = sum_{b,t} lam_t (h_t - x_t) delta_t,   dB_t = sum_c lam_t delta_t u_t,   dC_t = sum_c y'_t h_t.
 Sums across programs (batch for dA / dD / dbias, channel blocks for dB / dC) go through fp32 partials reduced in
@@ -450,9 +451,6 @@ if has_triton:
         tl.store(dy_ptr + row, (g * z * s / num_dirs).to(dy_ptr.dtype.element_ty), mask=mask)
         tl.store(dz_ptr + b64 * sdz_b + t[:, None] * sdz_l + offs_d[None, :],
                  (g * mean * s * (1. + z * (1. - s))).to(dz_ptr.dtype.element_ty), mask=mask)
-
-
-if has_triton:
 
     @triton.jit
     def _swiglu_fwd(gate_ptr, value_ptr, out_ptr, numel, BLOCK: tl.constexpr):
