@@ -76,12 +76,15 @@ def main():
     parser.add_argument('--M', type=int, default=default.chunks_per_segment)
     parser.add_argument('--max-registers', type=int, default=default.max_registers_bwd)
     parser.add_argument('--warps', type=int, default=1)
+    parser.add_argument('--butterfly', action='store_true', help='scan_bwd: channel sums as tl.sum (butterfly)')
     args = parser.parse_args()
     flags = dict(NP=16, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, HAS_ORDER=True)
     if args.kernel == 'scan_bwd':
         block_d, T = args.block_d or default.block_d_bwd, args.T or default.T_bwd
-        kernel = compile_sm90(ts._scan_bwd_kernel, dict(flags, BLOCK_D=block_d, T=T, M=args.M), args.warps,
-                              args.max_registers)
+        cfg = default._replace(T_bwd=T, block_d_bwd=block_d, warps_bwd=args.warps)
+        scatter = ts._lane_tile(cfg, 16) and not args.butterfly
+        kernel = compile_sm90(ts._scan_bwd_kernel, dict(flags, BLOCK_D=block_d, T=T, M=args.M, LANE_TILE=scatter),
+                              args.warps, args.max_registers)
     else:
         block_d, T = args.block_d or default.block_d_fwd, args.T or default.T
         kernel = compile_sm90(ts._scan_fwd_kernel, dict(flags, BLOCK_D=block_d, T=T), args.warps)

@@ -20,7 +20,8 @@ if not torch.cuda.is_available():
 from timm_arm.ops.selective_scan import selective_scan_sequential  # noqa: E402
 from timm_arm.ops.causal_conv1d import causal_conv1d_silu_torch  # noqa: E402
 from timm_arm.ops.triton_scan import (  # noqa: E402
-    ScanConfig, causal_conv1d_silu_tokens, selective_scan_tokens, selective_scan_triton)
+    ScanConfig, _pow2, _lane_tile, causal_conv1d_silu_tokens, scan_config, selective_scan_tokens,
+    selective_scan_triton)
 
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 
@@ -101,6 +102,10 @@ def scan_tokens_reference(u, delta, A, B, C, D, delta_bias, order, inverse):
         delta_bias.reshape(-1) if delta_bias is not None else None, delta_softplus=True)
     y = y.view(batch, num_dirs, d, seqlen).permute(0, 1, 3, 2)
     return _gather_steps(y, inverse)
+
+
+# (batch, directions, L, d, N): 16 channels, and 40 (a masked third block) with 13 states (3 padded)
+SCATTER_CASES = [(2, 4, 13, 16, 16), (1, 2, 9, 40, 13)]
 
 
 def check_tokens(shape, permute, device, dtype=torch.float32, config=None, seed=0, tol=1e-5):
@@ -267,6 +272,13 @@ def main():
         for config in CONFIGS[:1] if quick else CONFIGS:
             ok &= check_tokens(shape, permute, device, config=config)
     ok &= check_tokens((2, 4, 19, 6, 8), True, device, dtype=torch.bfloat16, tol=BF16_TOL)
+    for shape in SCATTER_CASES:  # the default backward tile: dB / dC channel sums as a lane reduce-scatter
+        batch, num_dirs, seqlen, d, d_state = shape
+        if not _lane_tile(scan_config(d, seqlen, d_state), _pow2(d_state)):
+            print(f'FAIL tokens shape={shape}: not on the reduce-scatter path')
+            ok = False
+        ok &= check_tokens(shape, True, device, seed=3)
+    ok &= check_tokens(SCATTER_CASES[0], True, device, dtype=torch.bfloat16, seed=4, tol=BF16_TOL)
     for shape, permute in CONV_CASES:
         ok &= check_conv(shape, permute, device)
     ok &= check_conv((2, 4, 19, 6, 4), True, device, dtype=torch.bfloat16, tol=BF16_TOL)

@@ -45,7 +45,8 @@ except ImportError:  # pragma: no cover - the package works without triton, this
     has_triton = False
 
 _fast_log2 = None
-if has_triton and os.environ.get('TRITON_INTERPRET') != '1' and torch.version.hip is None:
+_on_cuda_compiler = has_triton and os.environ.get('TRITON_INTERPRET') != '1' and torch.version.hip is None
+if _on_cuda_compiler:
     try:  # lg2.approx (one MUFU op) instead of libm's polynomial log in softplus
         from triton.language.extra.cuda.libdevice import fast_log2f as _fast_log2
     except ImportError:  # pragma: no cover - older triton: the portable log
@@ -81,7 +82,7 @@ def scan_config(d_inner: int, seqlen: int, d_state: int) -> ScanConfig:
     chunk states (-1.9 GiB at ARM-B's training batch for +8 % backward time).
     """
     T = min(4, max(2, _pow2(seqlen)))
-    return ScanConfig(T, min(64, _pow2(d_inner)), 1, 2, min(16, _pow2(d_inner)), 1, 4, 128)
+    return ScanConfig(T, min(64, _pow2(d_inner)), 1, 2, min(16, _pow2(d_inner)), 1, 6, 160)
 
 
 if has_triton:
@@ -92,6 +93,7 @@ if has_triton:
         return a1 * a2, a2 * b1 + b2
 
     _FAST_LOG2 = tl.constexpr(_fast_log2 is not None)
+    _LANE_SHUFFLE = tl.constexpr(_on_cuda_compiler)
 
     @triton.jit
     def _log2(x):
@@ -106,6 +108,83 @@ if has_triton:
         return tl.maximum(x, 0.) + _log2(1. + tl.exp2(tl.abs(x) * -1.4426950408889634)) * 0.6931471805599453
 
     @triton.jit
+    def _keep_first(x0, x1):
+        return x0
+
+    @triton.jit
+    def _keep_last(x0, x1):
+        return x1
+
+    @triton.jit
+    def _step(x, offs_t, LAST: tl.constexpr, IN_REGS: tl.constexpr):
+        """x (T, ...) at its first (or LAST) time step. Where time lies in each thread's registers, a register move
+        (_keep_first / _keep_last are not commutative, so never for a reduction across lanes); else a masked sum."""
+        if IN_REGS:
+            if LAST:
+                y = tl.reduce(x, 0, _keep_last)
+            else:
+                y = tl.reduce(x, 0, _keep_first)
+        else:
+            y = tl.sum(tl.where(offs_t[:, None, None] == (x.shape[0] - 1 if LAST else 0), x, 0.), axis=0)
+        return y
+
+    @triton.jit
+    def _pick_hi(x0, c0, x1, c1):
+        # over a pair (x0, x1) with the same flag c: x1 where c else x0
+        return tl.where(c0 != 0, x1, x0), c0
+
+    @triton.jit
+    def _pick_lo(x0, c0, x1, c1):
+        return tl.where(c0 != 0, x0, x1), c0
+
+    @triton.jit
+    def _channel_partner(x, MASK: tl.constexpr):
+        """x of channel c ^ MASK (the last axis, 16 channels, is the lane index in the backward's tiles)."""
+        if _LANE_SHUFFLE:  # one warp shuffle per value
+            if MASK == 8:
+                y = tl.inline_asm_elementwise('shfl.sync.bfly.b32 $0, $1, 8, 0x1f, -1;', '=f,f', [x],
+                                              dtype=tl.float32, is_pure=True, pack=1)
+            elif MASK == 4:
+                y = tl.inline_asm_elementwise('shfl.sync.bfly.b32 $0, $1, 4, 0x1f, -1;', '=f,f', [x],
+                                              dtype=tl.float32, is_pure=True, pack=1)
+            elif MASK == 2:
+                y = tl.inline_asm_elementwise('shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;', '=f,f', [x],
+                                              dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                y = tl.inline_asm_elementwise('shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;', '=f,f', [x],
+                                              dtype=tl.float32, is_pure=True, pack=1)
+        else:  # the same exchange in tensor terms (Triton's interpreter, ROCm)
+            rows: tl.constexpr = x.numel // 16
+            y = tl.reshape(tl.flip(tl.reshape(x, (rows, 8 // MASK, 2, MASK)), 2), x.shape)
+        return y
+
+    @triton.jit
+    def _halve(x, d_bit):
+        """One reduce-scatter step over the channel pairs (c, c ^ 2^d_bit) of x (2, ..., 16): the leading (in-thread)
+        axis is split between the pair, so each lane sends half its values instead of all of them."""
+        flag = tl.broadcast_to(((tl.arange(0, 16) >> d_bit) & 1).reshape([1] * (len(x.shape) - 1) + [16]), x.shape)
+        keep, _ = tl.reduce((x, flag), 0, _pick_hi)
+        send, _ = tl.reduce((x, flag), 0, _pick_lo)
+        return keep + _channel_partner(send, 1 << d_bit)
+
+    @triton.jit
+    def _channel_sums(v):
+        """sum_c v[t, n, c] of a (2, 16, 16) (time, state, channel) tile as a reduce-scatter: 15 shuffles per lane
+        instead of a butterfly's 64. Returns s (2, 16) with s[j, c] = the sum at t = c >> 3 & 1,
+        n = 8 (c >> 2 & 1) + 4 (c >> 1 & 1) + 2 (c & 1) + j (``_channel_sum_index``)."""
+        v = tl.reshape(v, (2, 2, 2, 2, 2, 16))  # (t, n >> 3, n >> 2 & 1, n >> 1 & 1, n & 1, c)
+        for i in tl.static_range(4):
+            v = _halve(v, 3 - i)
+        return v
+
+    @triton.jit
+    def _channel_sum_index():
+        """(t, n) of every element of ``_channel_sums``' result, each (2, 16)."""
+        c = tl.arange(0, 16)[None, :]
+        n = 8 * ((c >> 2) & 1) + 4 * ((c >> 1) & 1) + 2 * (c & 1) + tl.arange(0, 2)[:, None]
+        return tl.broadcast_to((c >> 3) & 1, (2, 16)), n
+
+    @triton.jit
     def _positions(order_ptr, k, t, seqlen, HAS_ORDER: tl.constexpr):
         """Token index of scan steps t of direction k (int64; 0 where t is out of range)."""
         if HAS_ORDER:
@@ -115,10 +194,10 @@ if has_triton:
         return pos.to(tl.int64)
 
     @triton.jit
-    def _delta(dt_base, pos, stride_l, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        """Discretisation step for a (T, BLOCK_D) tile: softplus(delta + bias), 0 where masked. Also returns the
-        pre-softplus value (for the backward)."""
-        raw = tl.load(dt_base + pos[:, None] * stride_l, mask=mask, other=0.).to(tl.float32)
+    def _delta_of(raw, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        """Discretisation step for a (T, BLOCK_D) tile of loaded delta: softplus(delta + bias), 0 where masked.
+        Also returns the pre-softplus value (for the backward)."""
+        raw = raw.to(tl.float32)
         if HAS_BIAS:
             raw += bias[None, :]
         if SOFTPLUS:
@@ -126,6 +205,20 @@ if has_triton:
         else:
             dt = raw
         return tl.where(mask, dt, 0.), raw  # padded steps: decay 1, input 0
+
+    @triton.jit
+    def _delta(dt_base, pos, stride_l, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        raw = tl.load(dt_base + pos[:, None] * stride_l, mask=mask, other=0.)
+        return _delta_of(raw, mask, bias, HAS_BIAS, SOFTPLUS)
+
+    @triton.jit
+    def _chunk_loads(u_base, dt_base, B_base, pos, mask_t, mask_d, mask_n, su_l, sdt_l, sB_l):
+        """u, delta (before bias) and B of one chunk at token positions pos, as stored."""
+        mask = mask_t[:, None] & mask_d[None, :]
+        u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.)
+        raw = tl.load(dt_base + pos[:, None] * sdt_l, mask=mask, other=0.)
+        Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_t[:, None] & mask_n[None, :], other=0.)
+        return u, raw, Bt
 
     @triton.jit
     def _scan_fwd_kernel(
@@ -158,16 +251,22 @@ if has_triton:
         y_base = y_ptr + (k64 * tl.num_programs(2) + b64) * seqlen * d_inner + offs_d[None, :]  # (K, b, L, d)
 
         h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
+        # each chunk's inputs are loaded one iteration ahead (and its positions two), as in the backward
+        pos_n = _positions(order_ptr, k, offs_t, seqlen, HAS_ORDER)
+        u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, offs_t < seqlen, mask_d, mask_n, su_l, sdt_l,
+                                       sB_l)
+        C_n = tl.load(C_base + pos_n[:, None] * sC_l, mask=(offs_t < seqlen)[:, None] & mask_n[None, :], other=0.)
+        pos_nn = _positions(order_ptr, k, T + offs_t, seqlen, HAS_ORDER)
         for c in range(tl.cdiv(seqlen, T)):
             t = c * T + offs_t
             mask_t = t < seqlen
-            pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
             mask = mask_t[:, None] & mask_d[None, :]
-            u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
-            dt, _ = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
-            mask_tn = mask_t[:, None] & mask_n[None, :]
-            Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_tn, other=0.).to(tl.float32)
-            Ct = tl.load(C_base + pos[:, None] * sC_l, mask=mask_tn, other=0.).to(tl.float32)
+            pos, u, raw, Bt, Ct = pos_n, u_n.to(tl.float32), raw_n, B_n.to(tl.float32), C_n.to(tl.float32)
+            pos_n, mask_t1 = pos_nn, t + T < seqlen
+            u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, mask_t1, mask_d, mask_n, su_l, sdt_l, sB_l)
+            C_n = tl.load(C_base + pos_n[:, None] * sC_l, mask=mask_t1[:, None] & mask_n[None, :], other=0.)
+            pos_nn = _positions(order_ptr, k, t + 2 * T, seqlen, HAS_ORDER)
+            dt, _ = _delta_of(raw, mask, bias, HAS_BIAS, SOFTPLUS)
 
             a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BLOCK_D)
             x = (dt * u)[:, None, :] * Bt[:, :, None]
@@ -182,22 +281,24 @@ if has_triton:
             tl.store(y_base + pos[:, None] * d_inner, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, c, offs_t, offs_n, mask_d, mask_n, A2, bias,
-                         su_l, sdt_l, sB_l, seqlen, T: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr):
-        """The state after chunk c (T steps), from the state h before it."""
-        t = c * T + offs_t
-        mask_t = t < seqlen
-        pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
-        mask = mask_t[:, None] & mask_d[None, :]
-        u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
-        dt, _ = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_t[:, None] & mask_n[None, :], other=0.).to(tl.float32)
+    def _chunk_loads_bwd(u_base, dt_base, B_base, C_base, dy_base, pos, mask_t, mask_d, mask_n, su_l, sdt_l, sB_l,
+                         sC_l, sdy_l):
+        """The backward's inputs of one chunk: u, delta, B, C and the output gradient, as stored."""
+        u, raw, Bt = _chunk_loads(u_base, dt_base, B_base, pos, mask_t, mask_d, mask_n, su_l, sdt_l, sB_l)
+        Ct = tl.load(C_base + pos[:, None] * sC_l, mask=mask_t[:, None] & mask_n[None, :], other=0.)
+        g = tl.load(dy_base + pos[:, None] * sdy_l, mask=mask_t[:, None] & mask_d[None, :], other=0.)
+        return u, raw, Bt, Ct, g
+
+    @triton.jit
+    def _chunk_end_state(h, u, raw, Bt, mask_t, mask_d, offs_t, A2, bias, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr, LANE_TILE: tl.constexpr):
+        """The state after a chunk (its loaded u, delta, B), from the state h before it."""
+        dt, _ = _delta_of(raw, mask_t[:, None] & mask_d[None, :], bias, HAS_BIAS, SOFTPLUS)
         a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-        x = (dt * u)[:, None, :] * Bt[:, :, None]
+        x = (dt * u.to(tl.float32))[:, None, :] * Bt.to(tl.float32)[:, :, None]
         x = tl.where(offs_t[:, None, None] == 0, x + a * h[None, :, :], x)
         _, hs = tl.associative_scan((a, x), 0, _combine)
-        return tl.sum(tl.where(offs_t[:, None, None] == T - 1, hs, 0.), axis=0)
+        return _step(hs, offs_t, True, LANE_TILE)
 
     @triton.jit
     def _scan_bwd_kernel(
@@ -208,6 +309,7 @@ if has_triton:
             seqlen, d_inner, d_state,
             NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, M: tl.constexpr,
             HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr,
+            LANE_TILE: tl.constexpr,
     ):
         pid_d, k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         num_blocks, num_dirs = tl.num_programs(0), tl.num_programs(1)
@@ -239,47 +341,76 @@ if has_triton:
         loc_base = loc_ptr + ((bk * num_blocks + pid_d) * M * NP + offs_n[:, None]) * BLOCK_D \
             + tl.arange(0, BLOCK_D)[None, :]
         # dB / dC partials (K, b, blocks, L, NP), fp32
-        part_base = ((bk * num_blocks + pid_d) * seqlen) * NP + offs_n[None, :]
+        part_row = ((bk * num_blocks + pid_d) * seqlen) * NP
+        if LANE_TILE:
+            t_sum, n_sum = _channel_sum_index()
         first = offs_t[:, None, None] == 0
         last = offs_t[:, None, None] == T - 1
 
-        # pass 1: re-run the recurrence, keeping the state at every segment start
+        # pass 1: re-run the recurrence, keeping the state at every segment start. Every loop below loads the
+        # next chunk's inputs (and the positions of the one after) one iteration ahead: a warp's loads are in
+        # flight while it computes, instead of stalling at the top of each chunk.
         h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
-        for s in range(num_segments):
-            tl.store(seg_base + s * NP * d_inner, h, mask=mask_nd)
-            for m in range(M):
-                h = _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, s * M + m, offs_t, offs_n, mask_d,
-                                     mask_n, A2, bias, su_l, sdt_l, sB_l, seqlen, T, HAS_BIAS, SOFTPLUS, HAS_ORDER)
+        pos_n = _positions(order_ptr, k, offs_t, seqlen, HAS_ORDER)
+        u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, offs_t < seqlen, mask_d, mask_n, su_l, sdt_l,
+                                       sB_l)
+        pos_n = _positions(order_ptr, k, T + offs_t, seqlen, HAS_ORDER)
+        for c in range(num_segments * M):
+            if c % M == 0:
+                tl.store(seg_base + (c // M) * NP * d_inner, h, mask=mask_nd)
+            u, raw, Bt = u_n, raw_n, B_n
+            u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, (c + 1) * T + offs_t < seqlen, mask_d,
+                                           mask_n, su_l, sdt_l, sB_l)
+            pos_n = _positions(order_ptr, k, (c + 2) * T + offs_t, seqlen, HAS_ORDER)
+            h = _chunk_end_state(h, u, raw, Bt, c * T + offs_t < seqlen, mask_d, offs_t, A2, bias, HAS_BIAS, SOFTPLUS,
+                                 LANE_TILE)
         tl.debug_barrier()  # the states written above are read back below, possibly by other threads
 
         # pass 2: segments in reverse; in each, the chunk starts, then the chunks in reverse
         lam_next = tl.zeros((NP, BLOCK_D), dtype=tl.float32)  # lam at the first step of the later chunk
+        a_next = tl.full((NP, BLOCK_D), 1., dtype=tl.float32)  # and its decay (none after the last step)
         dA_acc = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        # the chunks in reverse order, across segments: the last chunk's inputs and the positions before it
+        c_last = num_segments * M - 1
+        pos_b = _positions(order_ptr, k, c_last * T + offs_t, seqlen, HAS_ORDER)
+        u_b, raw_b, B_b, C_b, g_b = _chunk_loads_bwd(u_base, dt_base, B_base, C_base, dy_base, pos_b,
+                                                     c_last * T + offs_t < seqlen, mask_d, mask_n, su_l, sdt_l,
+                                                     sB_l, sC_l, sdy_l)
+        pos_bn = _positions(order_ptr, k, (c_last - 1) * T + offs_t, seqlen, HAS_ORDER)
         for si in range(num_segments):
             s = num_segments - 1 - si
             h = tl.load(seg_base + s * NP * d_inner, mask=mask_nd, other=0.)
+            pos_n = _positions(order_ptr, k, s * M * T + offs_t, seqlen, HAS_ORDER)
+            u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, s * M * T + offs_t < seqlen, mask_d,
+                                           mask_n, su_l, sdt_l, sB_l)
+            pos_n = _positions(order_ptr, k, (s * M + 1) * T + offs_t, seqlen, HAS_ORDER)
             for m in range(M):
                 tl.store(loc_base + m * NP * BLOCK_D, h)
-                h = _chunk_end_state(h, u_base, dt_base, B_base, order_ptr, k, s * M + m, offs_t, offs_n, mask_d,
-                                     mask_n, A2, bias, su_l, sdt_l, sB_l, seqlen, T, HAS_BIAS, SOFTPLUS, HAS_ORDER)
+                c = s * M + m
+                u, raw, Bt = u_n, raw_n, B_n
+                if m + 1 < M:
+                    u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, (c + 1) * T + offs_t < seqlen,
+                                                   mask_d, mask_n, su_l, sdt_l, sB_l)
+                    pos_n = _positions(order_ptr, k, (c + 2) * T + offs_t, seqlen, HAS_ORDER)
+                h = _chunk_end_state(h, u, raw, Bt, c * T + offs_t < seqlen, mask_d, offs_t, A2, bias, HAS_BIAS,
+                                     SOFTPLUS, LANE_TILE)
             tl.debug_barrier()
             for mi in range(M):
                 m = M - 1 - mi
-                t = (s * M + m) * T + offs_t
+                c = s * M + m
+                t = c * T + offs_t
                 mask_t = t < seqlen
-                pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
-                pos1 = _positions(order_ptr, k, t + 1, seqlen, HAS_ORDER)  # one step later: the adjoint's decay
                 mask = mask_t[:, None] & mask_d[None, :]
-                mask1 = (t + 1 < seqlen)[:, None] & mask_d[None, :]
-                u = tl.load(u_base + pos[:, None] * su_l, mask=mask, other=0.).to(tl.float32)
-                dt, dt_raw = _delta(dt_base, pos, sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
-                dt1, _ = _delta(dt_base, pos1, sdt_l, mask1, bias, HAS_BIAS, SOFTPLUS)
-                mask_tn = mask_t[:, None] & mask_n[None, :]
-                Bt = tl.load(B_base + pos[:, None] * sB_l, mask=mask_tn, other=0.).to(tl.float32)
-                Ct = tl.load(C_base + pos[:, None] * sC_l, mask=mask_tn, other=0.).to(tl.float32)
-                g = tl.load(dy_base + pos[:, None] * sdy_l, mask=mask, other=0.).to(tl.float32)
+                pos, u, raw, Bt, Ct, g = pos_b, u_b, raw_b, B_b, C_b, g_b
+                pos_b = pos_bn  # the chunk before (the last one prefetched is never used)
+                u_b, raw_b, B_b, C_b, g_b = _chunk_loads_bwd(u_base, dt_base, B_base, C_base, dy_base, pos_b,
+                                                             t - T < seqlen, mask_d, mask_n, su_l, sdt_l, sB_l,
+                                                             sC_l, sdy_l)
+                pos_bn = _positions(order_ptr, k, t - 2 * T, seqlen, HAS_ORDER)
+                u, Bt, Ct, g = u.to(tl.float32), Bt.to(tl.float32), Ct.to(tl.float32), g.to(tl.float32)
+                dt, dt_raw = _delta_of(raw, mask, bias, HAS_BIAS, SOFTPLUS)
 
                 # the chunk's states from its start
                 h0 = tl.load(loc_base + m * NP * BLOCK_D)
@@ -288,15 +419,23 @@ if has_triton:
                 x = dtu[:, None, :] * Bt[:, :, None]
                 _, hs = tl.associative_scan((a, tl.where(first, x + a * h0[None, :, :], x)), 0, _combine)
 
-                # adjoint, the chunk's last step taking the later chunk's lam
-                a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
+                # adjoint, the chunk's last step taking the later chunk's lam; a1 = the decay one step later: this
+                # chunk's next step, or the later chunk's first (time is in-thread: register moves, no shuffles)
+                if T == 2:
+                    a1 = tl.where(first, _step(a, offs_t, True, LANE_TILE)[None, :, :], a_next[None, :, :])
+                    a_next = _step(a, offs_t, False, LANE_TILE)
+                else:  # recomputed from delta one step later
+                    pos1 = _positions(order_ptr, k, t + 1, seqlen, HAS_ORDER)
+                    dt1, _ = _delta(dt_base, pos1, sdt_l, (t + 1 < seqlen)[:, None] & mask_d[None, :], bias,
+                                    HAS_BIAS, SOFTPLUS)
+                    a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
                 beta = g[:, None, :] * Ct[:, :, None]
                 beta = tl.where(last, beta + a1 * lam_next[None, :, :], beta)
                 # a reverse scan, as a forward scan of the flipped chunk: time lies in each thread's registers, so
                 # the flips are free (tl.associative_scan(reverse=True) shuffles across lanes)
                 _, lam = tl.associative_scan((tl.flip(a1, 0), tl.flip(beta, 0)), 0, _combine)
                 lam = tl.flip(lam, 0)
-                lam_next = tl.sum(tl.where(first, lam, 0.), axis=0)
+                lam_next = _step(lam, offs_t, False, LANE_TILE)
 
                 lam_h = lam * (hs - x)  # lam_t a_t h_{t-1}
                 lam_B = tl.sum(lam * Bt[:, :, None], axis=1)  # (T, BLOCK_D)
@@ -313,10 +452,19 @@ if has_triton:
                 tl.store(du_ptr + out_base + pos[:, None] * d_inner, du.to(du_ptr.dtype.element_ty), mask=mask)
                 tl.store(ddt_ptr + out_base + pos[:, None] * d_inner, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
 
-                dB = tl.sum(lam * dtu[:, None, :], axis=2)  # (T, NP); masked channels have dt = 0
-                dC = tl.sum(hs * g[:, None, :], axis=2)  # masked channels have g = 0
-                tl.store(dB_ptr + part_base + pos[:, None] * NP, dB, mask=mask_t[:, None])
-                tl.store(dC_ptr + part_base + pos[:, None] * NP, dC, mask=mask_t[:, None])
+                # masked channels have dt = 0 and g = 0
+                if LANE_TILE:
+                    dB = _channel_sums(lam * dtu[:, None, :])
+                    dC = _channel_sums(hs * g[:, None, :])
+                    t_s = (s * M + m) * T + t_sum
+                    pos_s = _positions(order_ptr, k, t_s, seqlen, HAS_ORDER)
+                    tl.store(dB_ptr + part_row + pos_s * NP + n_sum, dB, mask=t_s < seqlen)
+                    tl.store(dC_ptr + part_row + pos_s * NP + n_sum, dC, mask=t_s < seqlen)
+                else:
+                    dB = tl.sum(lam * dtu[:, None, :], axis=2)  # (T, NP)
+                    dC = tl.sum(hs * g[:, None, :], axis=2)
+                    tl.store(dB_ptr + part_row + pos[:, None] * NP + offs_n[None, :], dB, mask=mask_t[:, None])
+                    tl.store(dC_ptr + part_row + pos[:, None] * NP + offs_n[None, :], dC, mask=mask_t[:, None])
             tl.debug_barrier()  # the next segment overwrites the chunk starts
 
         row64 = b64 * num_dirs * d_inner + row  # dA, dD, dbias partials: (b, K * d)
@@ -485,6 +633,14 @@ def _has_register_cap() -> bool:
         return False
 
 
+def _lane_tile(cfg: ScanConfig, np_: int) -> bool:
+    """Whether the backward's tile is (2, 16, 16) (time, state, channel) on one warp, which Triton lays out with
+    channels on lane bits 0-3, state bit 0 on lane bit 4, and the time step and state bits 1-3 in each thread's
+    registers (checked in tests/test_triton_scan.py). The backward then picks time steps with register moves
+    and sums dB / dC as a lane reduce-scatter (``_channel_sums``)."""
+    return (cfg.T_bwd, cfg.block_d_bwd, np_, cfg.warps_bwd) == (2, 16, 16, 1)
+
+
 def _channels_last(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
@@ -528,6 +684,7 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
         du, ddelta, dA, dD if dD is not None else dA, dbias if dbias is not None else dA, dB, dC,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), seqlen, d_inner, d_state,
         NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, M=cfg.chunks_per_segment, HAS_D=D is not None,
+        LANE_TILE=_lane_tile(cfg, np_),
         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd,
         **({'maxnreg': cfg.max_registers_bwd} if cfg.max_registers_bwd and _has_register_cap() else {}))
     dA = dA.sum(0)[:, :d_state].reshape(A.shape)
