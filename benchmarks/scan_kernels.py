@@ -92,7 +92,7 @@ def sweep(shape, iters):
     dy = torch.randn_like(t['u'])
     fwd_rows, bwd_rows = [], []
     grids = ((fwd_rows, 'scan_fwd', itertools.product((4,), (32, 64), (1,))),
-             (bwd_rows, 'scan_bwd', [(2, 16, 1, m, r) for m in (2, 3, 4) for r in (None, 128, 96)]))
+             (bwd_rows, 'scan_bwd', [(2, 16, 1, m, r) for m in (2, 4, 6, 8) for r in (None, 144, 160, 176)]))
     for rows, name, grid in grids:
         for T, bd, warps, *extra in grid:
             if bd < 8 * warps:

@@ -104,8 +104,11 @@ def scan_tokens_reference(u, delta, A, B, C, D, delta_bias, order, inverse):
     return _gather_steps(y, inverse)
 
 
-# (batch, directions, L, d, N): 16 channels, and 40 (a masked third block) with 13 states (3 padded)
-SCATTER_CASES = [(2, 4, 13, 16, 16), (1, 2, 9, 40, 13)]
+# (batch, directions, L, d, N): 16 channels over 3 segments (8 steps each), and 40 (a masked third block) with 13 states (3 padded)
+SCATTER_CASES = [(1, 1, 19, 16, 16), (1, 1, 5, 40, 13)]
+# the same tile with the first backward pass inside the backward kernel, 2-chunk segments
+IN_KERNEL_STATES = ScanConfig(T=4, block_d_fwd=16, warps_fwd=1, T_bwd=2, block_d_bwd=16, warps_bwd=1,
+                              chunks_per_segment=2, states_in_forward_kernel=False)
 
 
 def check_tokens(shape, permute, device, dtype=torch.float32, config=None, seed=0, tol=1e-5):
@@ -278,6 +281,7 @@ def main():
             print(f'FAIL tokens shape={shape}: not on the reduce-scatter path')
             ok = False
         ok &= check_tokens(shape, True, device, seed=3)
+    ok &= check_tokens(SCATTER_CASES[0], True, device, config=IN_KERNEL_STATES, seed=5)
     ok &= check_tokens(SCATTER_CASES[0], True, device, dtype=torch.bfloat16, seed=4, tol=BF16_TOL)
     for shape, permute in CONV_CASES:
         ok &= check_conv(shape, permute, device)

@@ -12,15 +12,20 @@ One program owns BLOCK_D channels x N states of one (image, direction) and walks
 steps: (T, N, BLOCK_D) register tiles, tl.associative_scan along T, the chunk's first step taking the carried
 state. The state is fp32 throughout; inputs may be bf16 or fp32.
 
-The backward keeps nothing from the forward but its inputs: it first re-runs the recurrence, writing the state at
-every segment start (M chunks) to a scratch buffer that lives only during this layer's backward. It then walks
-the segments in reverse: re-runs the segment, keeping its chunk starts in a few KiB per program that stay in L2,
-then walks its chunks in reverse, recomputes each chunk's states and runs the adjoint
-    lam_t = C_t y'_t + a_{t+1} lam_{t+1}        (a_t = exp(delta_t A); a_{t+1} from a second load one step later)
+The backward keeps nothing from the forward but its inputs. The forward kernel, on its own wide tiles, first
+re-runs the recurrence and writes the state at every segment start (M chunks) to a scratch buffer that lives
+only during this layer's backward. The backward kernel then walks the segments in reverse: re-runs the segment,
+keeping its chunk starts in a few KiB per program that stay in L2, then walks its chunks in reverse, recomputes
+each chunk's states and runs the adjoint
+    lam_t = C_t y'_t + a_{t+1} lam_{t+1}        (a_t = exp(delta_t A); a_{t+1} of the chunk's last step kept from
+                                                 the later chunk, which was processed just before)
 as a reverse associative scan (a forward scan of the flipped chunk). With x_t = delta_t B_t u_t,
 a_t h_{t-1} = h_t - x_t (no division):
     ddelta_t = sum_n lam_t ((h_t - x_t) A + u_t B_t),   du_t = delta_t sum_n lam_t B_t + D y'_t,
     dA = sum_{b,t} lam_t (h_t - x_t) delta_t,   dB_t = sum_c lam_t delta_t u_t,   dC_t = sum_c y'_t h_t.
+Every loop loads the next chunk's inputs one iteration ahead (the kernels are latency-bound, not
+arithmetic-bound). On the default (2, 16, 16) tile the channel sums of dB / dC are a lane reduce-scatter: each
+thread sends half of what it holds per step instead of a butterfly's all-reduce (15 shuffles instead of 64).
 Sums across programs (batch for dA / dD / dbias, channel blocks for dB / dC) go through fp32 partials reduced in
 PyTorch: deterministic, no atomics.
 
@@ -66,6 +71,7 @@ class ScanConfig(NamedTuple):
     warps_bwd: int
     chunks_per_segment: int = 4  # backward: the state is kept in HBM at every segment start only
     max_registers_bwd: Optional[int] = None  # backward: register cap per thread (more warps per SM, may spill)
+    states_in_forward_kernel: bool = True  # backward: segment-start states from the forward kernel's tiles
 
 
 def _pow2(x: int) -> int:
@@ -75,14 +81,14 @@ def _pow2(x: int) -> int:
 def scan_config(d_inner: int, seqlen: int, d_state: int) -> ScanConfig:
     """Tile sizes: channels across lanes, T steps x N states in each thread's registers.
 
-    Swept on an H200 at ARM-B's training shape (b 128, 4 directions, L 197, d 768, N 16, bf16;
-    benchmarks/scan_kernels.py --sweep, results/h200_2026-11-27_scan_kernels_sweep*.json): forward best at T 4,
-    64 channels, 1 warp (0.72 ms); backward at T 2, 16 channels, 1 warp, capped at 128 registers (6.6 ms; 168
-    uncapped, 7.1 ms; larger tiles spill). Segments of 4 chunks keep the backward's scratch at 1/4 of the
-    chunk states (-1.9 GiB at ARM-B's training batch for +8 % backward time).
+    Swept on an H200 at ARM-B's and ARM-L's training shapes (b 128 / 64, 4 directions, L 197, d 768 / 1024, N 16,
+    bf16; benchmarks/scan_kernels.py --sweep and benchmarks/results/h200_2026-11-27_scan_bwd_ab*.json): forward
+    best at T 4, 64 channels, 1 warp; backward at T 2, 16 channels, 1 warp (the lane tile: reduce-scatter channel
+    sums), capped at 176 registers (168 used, no spills; 128 spills, 12 warps per SM beat 16), segments of 4 chunks,
+    the segment states written by the forward kernel on its own tiles (3.77 / 2.67 ms at ARM-B / ARM-L).
     """
     T = min(4, max(2, _pow2(seqlen)))
-    return ScanConfig(T, min(64, _pow2(d_inner)), 1, 2, min(16, _pow2(d_inner)), 1, 6, 160)
+    return ScanConfig(T, min(64, _pow2(d_inner)), 1, 2, min(16, _pow2(d_inner)), 1, 4, 176)
 
 
 if has_triton:
@@ -228,7 +234,10 @@ if has_triton:
             seqlen, d_inner, d_state,
             NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
             HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr,
+            SEGMENT_CHUNKS: tl.constexpr = 0,
     ):
+        """y (K, b, L, d); or, with SEGMENT_CHUNKS, no y but the state at every segment start (every SEGMENT_CHUNKS
+        chunks) into y_ptr as (K, b, segments, NP, d) fp32: the backward's first pass."""
         pid_d, k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d_inner
@@ -249,22 +258,34 @@ if has_triton:
         B_base = B_ptr + b64 * sB_b + k64 * sB_k + offs_n[None, :] * sB_n
         C_base = C_ptr + b64 * sC_b + k64 * sC_k + offs_n[None, :] * sC_n
         y_base = y_ptr + (k64 * tl.num_programs(2) + b64) * seqlen * d_inner + offs_d[None, :]  # (K, b, L, d)
+        num_segments = tl.cdiv(seqlen, T * SEGMENT_CHUNKS) if SEGMENT_CHUNKS > 0 else 0
+        seg_base = y_ptr + (k64 * tl.num_programs(2) + b64) * num_segments * NP * d_inner \
+            + offs_n[:, None] * d_inner + offs_d[None, :]
 
         h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
         # each chunk's inputs are loaded one iteration ahead (and its positions two), as in the backward
         pos_n = _positions(order_ptr, k, offs_t, seqlen, HAS_ORDER)
         u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, offs_t < seqlen, mask_d, mask_n, su_l, sdt_l,
                                        sB_l)
-        C_n = tl.load(C_base + pos_n[:, None] * sC_l, mask=(offs_t < seqlen)[:, None] & mask_n[None, :], other=0.)
+        if SEGMENT_CHUNKS == 0:
+            C_n = tl.load(C_base + pos_n[:, None] * sC_l, mask=(offs_t < seqlen)[:, None] & mask_n[None, :],
+                          other=0.)
         pos_nn = _positions(order_ptr, k, T + offs_t, seqlen, HAS_ORDER)
         for c in range(tl.cdiv(seqlen, T)):
+            if SEGMENT_CHUNKS > 0:
+                if c % SEGMENT_CHUNKS == 0:
+                    tl.store(seg_base + (c // SEGMENT_CHUNKS) * NP * d_inner, h,
+                             mask=mask_n[:, None] & mask_d[None, :])
             t = c * T + offs_t
             mask_t = t < seqlen
             mask = mask_t[:, None] & mask_d[None, :]
-            pos, u, raw, Bt, Ct = pos_n, u_n.to(tl.float32), raw_n, B_n.to(tl.float32), C_n.to(tl.float32)
+            pos, u, raw, Bt = pos_n, u_n.to(tl.float32), raw_n, B_n.to(tl.float32)
+            if SEGMENT_CHUNKS == 0:
+                Ct = C_n.to(tl.float32)
             pos_n, mask_t1 = pos_nn, t + T < seqlen
             u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, mask_t1, mask_d, mask_n, su_l, sdt_l, sB_l)
-            C_n = tl.load(C_base + pos_n[:, None] * sC_l, mask=mask_t1[:, None] & mask_n[None, :], other=0.)
+            if SEGMENT_CHUNKS == 0:
+                C_n = tl.load(C_base + pos_n[:, None] * sC_l, mask=mask_t1[:, None] & mask_n[None, :], other=0.)
             pos_nn = _positions(order_ptr, k, t + 2 * T, seqlen, HAS_ORDER)
             dt, _ = _delta_of(raw, mask, bias, HAS_BIAS, SOFTPLUS)
 
@@ -275,10 +296,11 @@ if has_triton:
             _, hs = tl.associative_scan((a, x), 0, _combine)
             h = tl.sum(tl.where(offs_t[:, None, None] == T - 1, hs, 0.), axis=0)
 
-            y = tl.sum(hs * Ct[:, :, None], axis=1)  # (T, BLOCK_D)
-            if HAS_D:
-                y += Dv[None, :] * u
-            tl.store(y_base + pos[:, None] * d_inner, y.to(y_ptr.dtype.element_ty), mask=mask)
+            if SEGMENT_CHUNKS == 0:
+                y = tl.sum(hs * Ct[:, :, None], axis=1)  # (T, BLOCK_D)
+                if HAS_D:
+                    y += Dv[None, :] * u
+                tl.store(y_base + pos[:, None] * d_inner, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _chunk_loads_bwd(u_base, dt_base, B_base, C_base, dy_base, pos, mask_t, mask_d, mask_n, su_l, sdt_l, sB_l,
@@ -309,7 +331,7 @@ if has_triton:
             seqlen, d_inner, d_state,
             NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, M: tl.constexpr,
             HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr,
-            LANE_TILE: tl.constexpr,
+            LANE_TILE: tl.constexpr, HAS_STATES: tl.constexpr,
     ):
         pid_d, k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         num_blocks, num_dirs = tl.num_programs(0), tl.num_programs(1)
@@ -347,24 +369,25 @@ if has_triton:
         first = offs_t[:, None, None] == 0
         last = offs_t[:, None, None] == T - 1
 
-        # pass 1: re-run the recurrence, keeping the state at every segment start. Every loop below loads the
-        # next chunk's inputs (and the positions of the one after) one iteration ahead: a warp's loads are in
-        # flight while it computes, instead of stalling at the top of each chunk.
-        h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
-        pos_n = _positions(order_ptr, k, offs_t, seqlen, HAS_ORDER)
-        u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, offs_t < seqlen, mask_d, mask_n, su_l, sdt_l,
-                                       sB_l)
-        pos_n = _positions(order_ptr, k, T + offs_t, seqlen, HAS_ORDER)
-        for c in range(num_segments * M):
-            if c % M == 0:
-                tl.store(seg_base + (c // M) * NP * d_inner, h, mask=mask_nd)
-            u, raw, Bt = u_n, raw_n, B_n
-            u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, (c + 1) * T + offs_t < seqlen, mask_d,
-                                           mask_n, su_l, sdt_l, sB_l)
-            pos_n = _positions(order_ptr, k, (c + 2) * T + offs_t, seqlen, HAS_ORDER)
-            h = _chunk_end_state(h, u, raw, Bt, c * T + offs_t < seqlen, mask_d, offs_t, A2, bias, HAS_BIAS, SOFTPLUS,
-                                 LANE_TILE)
-        tl.debug_barrier()  # the states written above are read back below, possibly by other threads
+        # pass 1 (unless the forward kernel did it, HAS_STATES): re-run the recurrence, keeping the state at every
+        # segment start. Every loop below loads the next chunk's inputs (and the positions of the one after) one
+        # iteration ahead: a warp's loads are in flight while it computes, instead of stalling at each chunk.
+        if not HAS_STATES:
+            h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
+            pos_n = _positions(order_ptr, k, offs_t, seqlen, HAS_ORDER)
+            u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, offs_t < seqlen, mask_d, mask_n, su_l,
+                                           sdt_l, sB_l)
+            pos_n = _positions(order_ptr, k, T + offs_t, seqlen, HAS_ORDER)
+            for c in range(num_segments * M):
+                if c % M == 0:
+                    tl.store(seg_base + (c // M) * NP * d_inner, h, mask=mask_nd)
+                u, raw, Bt = u_n, raw_n, B_n
+                u_n, raw_n, B_n = _chunk_loads(u_base, dt_base, B_base, pos_n, (c + 1) * T + offs_t < seqlen,
+                                               mask_d, mask_n, su_l, sdt_l, sB_l)
+                pos_n = _positions(order_ptr, k, (c + 2) * T + offs_t, seqlen, HAS_ORDER)
+                h = _chunk_end_state(h, u, raw, Bt, c * T + offs_t < seqlen, mask_d, offs_t, A2, bias, HAS_BIAS,
+                                     SOFTPLUS, LANE_TILE)
+            tl.debug_barrier()  # the states written above are read back below, possibly by other threads
 
         # pass 2: segments in reverse; in each, the chunk starts, then the chunks in reverse
         lam_next = tl.zeros((NP, BLOCK_D), dtype=tl.float32)  # lam at the first step of the later chunk
@@ -677,6 +700,16 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
     dbias = torch.empty((batch, num_dirs * d_inner), device=dev, dtype=f32) if delta_bias is not None else None
     dB = torch.empty((num_dirs, batch, num_blocks, seqlen, np_), device=dev, dtype=f32)
     dC = torch.empty_like(dB)
+    segment_steps = cfg.T_bwd * cfg.chunks_per_segment
+    has_states = cfg.states_in_forward_kernel and segment_steps % cfg.T == 0
+    if has_states:  # the backward's first pass (a forward sweep) on the forward's wider tiles
+        grid = (triton.cdiv(d_inner, cfg.block_d_fwd), num_dirs, batch)
+        _last_kernels['scan_states'] = _scan_fwd_kernel[grid](
+            u, delta, A, B, C, A, delta_bias if delta_bias is not None else A, order if order is not None else A,
+            segments, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), seqlen, d_inner, d_state,
+            NP=np_, BLOCK_D=cfg.block_d_fwd, T=cfg.T, HAS_D=False, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=softplus, HAS_ORDER=order is not None, SEGMENT_CHUNKS=segment_steps // cfg.T,
+            num_warps=cfg.warps_fwd)
     grid = (num_blocks, num_dirs, batch)
     _last_kernels['scan_bwd'] = _scan_bwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
@@ -684,7 +717,7 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
         du, ddelta, dA, dD if dD is not None else dA, dbias if dbias is not None else dA, dB, dC,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), seqlen, d_inner, d_state,
         NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, M=cfg.chunks_per_segment, HAS_D=D is not None,
-        LANE_TILE=_lane_tile(cfg, np_),
+        LANE_TILE=_lane_tile(cfg, np_), HAS_STATES=has_states,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd,
         **({'maxnreg': cfg.max_registers_bwd} if cfg.max_registers_bwd and _has_register_cap() else {}))
     dA = dA.sum(0)[:, :d_state].reshape(A.shape)
