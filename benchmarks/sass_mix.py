@@ -8,8 +8,11 @@ disassembles it with the cuobjdump that ships with Triton, and prints registers,
 conversions in the TTGIR and, for every loop, its instruction count by opcode (loops nest: an outer loop's count
 includes its inner loops). The chunk loop of the backward is
 the longest; its count per thread, divided by the state elements a thread holds per chunk (T x N x BLOCK_D / 32),
-tracked the measured time closely on an H200 (benchmarks/RESULTS.md). Relies on Triton's compiler internals
-(ASTSource, GPUTarget); written against triton 3.6 - 3.8.
+tracked the measured time closely on an H200 (benchmarks/RESULTS.md) until the kernels became latency-bound:
+fewer instructions now help less than hiding load latency does. The build has none of the runtime's
+divisibility specialisation (16-byte aligned pointers, strides divisible by 16), so loads the JIT would
+vectorise count here as scalar ones. Relies on Triton's compiler internals (ASTSource, GPUTarget); written
+against triton 3.6 - 3.8.
 """
 import argparse
 import collections
