@@ -25,6 +25,12 @@ from timm_arm.ops import triton_scan as ts
 GRADS = ('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'dbias')
 
 
+def resolve(revision: str) -> str:
+    """The full hash a revision names in this checkout (a copied tree's HEAD may not be the commit you expect)."""
+    return subprocess.run(['git', 'rev-parse', '--verify', f'{revision}^{{commit}}'], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def module_at(revision: str):
     root = subprocess.run(['git', 'rev-parse', '--show-toplevel'], capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -79,18 +85,21 @@ def main():
     parser.add_argument('--json', default='')
     args = parser.parse_args()
     assert torch.cuda.is_available(), 'needs a CUDA device'
-    other = module_at(args.against)
+    commit = resolve(args.against)
+    print(f'against {args.against} = {commit}', flush=True)
+    other = module_at(commit)
     rows = []
     for i in map(int, args.shapes.split(',')):
         row = compare(SHAPES[i], other, args.iters, args.sweep)
         rows.append(row)
         bwd, other_bwd = (min(row[f'{p}bwd_ms_{r}'] for r in range(2)) for p in ('', 'other_'))
-        print(f'{SHAPES[i][:5]}: backward {bwd:.3f} ms vs {other_bwd:.3f} ms at {args.against} '
+        print(f'{SHAPES[i][:5]}: backward {bwd:.3f} ms vs {other_bwd:.3f} ms at {commit[:10]} '
               f'({other_bwd / bwd:.2f}x); worst gradient difference '
               f'{max(row["rel_err"].values()):.1e}', flush=True)
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), against=args.against, rows=rows), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), against=args.against, commit=commit, rows=rows), f,
+                      indent=1)
     return 0
 
 
