@@ -71,7 +71,9 @@ class ScanConfig(NamedTuple):
     warps_bwd: int
     chunks_per_segment: int = 4  # backward: the state is kept in HBM at every segment start only
     max_registers_bwd: Optional[int] = None  # backward: register cap per thread (more warps per SM, may spill)
-    states_in_forward_kernel: bool = True  # backward: segment-start states from the forward kernel's tiles
+    # backward: segment-start states from the forward kernel's tiles (where T_bwd * chunks_per_segment is a
+    # multiple of T; else the backward kernel's own first pass)
+    states_in_forward_kernel: bool = True
 
 
 def _pow2(x: int) -> int:
