@@ -27,8 +27,11 @@ GRADS = ('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'dbias')
 
 def resolve(revision: str) -> str:
     """The full hash a revision names in this checkout (a copied tree's HEAD may not be the commit you expect)."""
-    return subprocess.run(['git', 'rev-parse', '--verify', f'{revision}^{{commit}}'], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    proc = subprocess.run(['git', 'rev-parse', '--verify', '--quiet', f'{revision}^{{commit}}'], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f'scan_bwd_ab: --against {revision!r} is not a commit in this checkout')
+    return proc.stdout.strip()
 
 
 def module_at(revision: str):
@@ -84,8 +87,9 @@ def main():
     parser.add_argument('--sweep', action='store_true')
     parser.add_argument('--json', default='')
     args = parser.parse_args()
-    assert torch.cuda.is_available(), 'needs a CUDA device'
-    commit = resolve(args.against)
+    commit = resolve(args.against)  # before any GPU work
+    if not torch.cuda.is_available():
+        raise SystemExit('scan_bwd_ab: needs a CUDA device')
     print(f'against {args.against} = {commit}', flush=True)
     other = module_at(commit)
     rows = []
