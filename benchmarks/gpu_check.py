@@ -1,5 +1,5 @@
 """ GPU check: each fast path (our Triton kernels, mamba-ssm / causal-conv1d) == the pure-PyTorch path, for the
-scan and for whole models, forward and backward.
+scan, the fused residual add + LayerNorm and for whole models, forward and backward.
 
     python benchmarks/gpu_check.py [--json OUT.json]
 
@@ -54,6 +54,26 @@ def check_scan(rows, batch, directions, d, seqlen, dtype):
                          max_rel_err=err, tol=tol, ok=err < tol))
 
 
+def check_add_layer_norm(rows, shape, amp):
+    """The blocks' residual add + LayerNorm at inference (mamba-ssm's fused kernel on the GPU paths) against
+    PyTorch's ops: sum and normed output, fp32 or under bf16 autocast (branch in bf16, residual fp32)."""
+    g = torch.Generator(device='cuda').manual_seed(shape[1] * 7 + int(amp))
+    residual = torch.randn(*shape, device='cuda', generator=g)
+    branch = torch.randn(*shape, device='cuda', generator=g)
+    branch = branch.bfloat16() if amp else branch
+    weight = 1 + .1 * torch.randn(shape[-1], device='cuda', generator=g)
+    bias = .1 * torch.randn(shape[-1], device='cuda', generator=g)
+    results = {}
+    for backend in ('triton', 'torch'):
+        with torch.no_grad(), torch.autocast('cuda', torch.bfloat16, enabled=amp):
+            results[backend] = ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend=backend)
+    err = max(rel_err(a, b) for a, b in zip(results['triton'], results['torch']))
+    tol = TOL['bf16' if amp else 'fp32']
+    ok = err < tol and results['triton'][0].dtype == results['torch'][0].dtype
+    rows.append(dict(check=f'add_layer_norm {tuple(shape)} {"bf16 autocast" if amp else "fp32"}', max_rel_err=err,
+                     tol=tol, ok=ok))
+
+
 def _run(model, x, backend, amp):
     ops.set_backend(backend)
     try:
@@ -104,6 +124,24 @@ def check_model(rows, name, batch, amp):
     ops.set_backend(None)
 
 
+def check_inference(rows, name, batch, amp):
+    """Kernel path vs pure-PyTorch path at inference (eval, no grad: the fused add + LayerNorm runs here)."""
+    torch.manual_seed(1)
+    model = timm.create_model(name).cuda().eval()
+    x = torch.randn(batch, 3, *model.pretrained_cfg['input_size'][1:], device='cuda')
+    logits = {}
+    for backend in FAST + ('torch',):
+        ops.set_backend(backend)
+        with torch.no_grad(), torch.autocast('cuda', torch.bfloat16, enabled=amp):
+            logits[backend] = model(x).float()
+    ops.set_backend(None)
+    tol = TOL['bf16' if amp else 'fp32']
+    for backend in FAST:
+        err = rel_err(logits[backend], logits['torch'])
+        rows.append(dict(check=f'{name} b{batch} {"bf16" if amp else "fp32"} inference logits [{backend}] vs torch',
+                         max_rel_err=err, tol=tol, ok=err < tol))
+
+
 def check_compile(rows, name='arm_mamba_tiny', batch=4):
     """torch.compile'd model == eager model on the default GPU path, fp32 logits and gradients (relative L2).
 
@@ -141,10 +179,15 @@ def main():
     for shape in [(2, 4, 64, 197), (3, 1, 96, 128), (1, 2, 32, 577), (4, 4, 48, 50)]:
         for dtype in (torch.float32, torch.bfloat16):
             check_scan(rows, *shape, dtype)
+    for shape in [(3, 197, 768), (2, 50, 1024), (1, 577, 1536)]:
+        for amp in (False, True):
+            check_add_layer_norm(rows, shape, amp)
     check_compile(rows)
     for name, batch in (('arm_mamba_tiny', 4), ('arm_mamba_base', 2)):
         check_model(rows, name, batch, amp=False)
         check_model(rows, name, batch, amp=True)
+        check_inference(rows, name, batch, amp=False)
+        check_inference(rows, name, batch, amp=True)
     for r in rows:
         status = '' if 'ok' not in r else ('PASS' if r['ok'] else 'FAIL')
         value = f"{r['max_rel_err']:.2e} (tol {r['tol']:.0e})" if 'max_rel_err' in r else f"{r['ms']:.1f} ms"

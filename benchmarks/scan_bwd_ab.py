@@ -1,14 +1,16 @@
-""" The Triton scan backward of this tree against the one of another git revision, same run, same inputs.
+""" The Triton scan (or, with --conv, causal conv) backward of this tree against the one of another git revision,
+same run, same inputs.
 
-    python benchmarks/scan_bwd_ab.py --against e4371a5 [--json OUT.json] [--shapes 0,1] [--sweep]
+    python benchmarks/scan_bwd_ab.py --against e4371a5 [--conv] [--json OUT.json] [--shapes 0,1] [--sweep]
 
 For each shape (benchmarks/scan_kernels.SHAPES) it loads ``timm_arm/ops/triton_scan.py`` as it was at the other
 revision (``git show``, into a temporary module), checks that both give the same gradients (relative to the
 largest reference value: bf16 outputs differ by rounding only), and times both backwards (and forwards) twice,
 alternating, median of CUDA-event timings. --sweep also times this tree's backward over segment lengths and
-register caps. Needs a GPU and the git history of this checkout.
+register caps (the conv's: over its backward tiles). Needs a GPU and the git history of this checkout.
 """
 import argparse
+import itertools
 import importlib.util
 import json
 import os
@@ -20,13 +22,20 @@ import torch
 
 from _timing import cuda_median_ms
 from scan_kernels import SHAPES, token_inputs
+from timm_arm.models.arm_mamba import scan_orders
 from timm_arm.ops import triton_scan as ts
 
 GRADS = ('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'dbias')
 
 
 def resolve(revision: str) -> str:
-    """The full hash a revision names in this checkout (a copied tree's HEAD may not be the commit you expect)."""
+    """The full hash a revision names in this checkout (a copied tree's HEAD may not be the commit you expect), or,
+    for a saved copy of the module (a .py file), its git blob hash."""
+    if revision.endswith('.py'):
+        if not os.path.isfile(revision):
+            raise SystemExit(f'scan_bwd_ab: --against {revision!r}: no such file')
+        proc = subprocess.run(['git', 'hash-object', revision], capture_output=True, text=True, check=True)
+        return proc.stdout.strip()
     proc = subprocess.run(['git', 'rev-parse', '--verify', '--quiet', f'{revision}^{{commit}}'], capture_output=True,
                           text=True)
     if proc.returncode != 0:
@@ -34,15 +43,18 @@ def resolve(revision: str) -> str:
     return proc.stdout.strip()
 
 
-def module_at(revision: str):
-    root = subprocess.run(['git', 'rev-parse', '--show-toplevel'], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    source = subprocess.run(['git', 'show', f'{revision}:timm_arm/ops/triton_scan.py'], cwd=root,
-                            capture_output=True, text=True, check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), f'triton_scan_{revision}.py')
-    with open(path, 'w') as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f'triton_scan_{revision}', path)
+def module_at(revision: str, commit: str):
+    if revision.endswith('.py'):
+        path = revision
+    else:
+        root = subprocess.run(['git', 'rev-parse', '--show-toplevel'], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        source = subprocess.run(['git', 'show', f'{commit}:timm_arm/ops/triton_scan.py'], cwd=root,
+                                capture_output=True, text=True, check=True).stdout
+        path = os.path.join(tempfile.mkdtemp(), f'triton_scan_{commit}.py')
+        with open(path, 'w') as f:
+            f.write(source)
+    spec = importlib.util.spec_from_file_location(f'triton_scan_{commit}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -79,27 +91,75 @@ def compare(shape, other, iters, sweep):
     return row
 
 
+def compare_conv(shape, other, iters, sweep):
+    """The conv backward (and forward) of both trees on ARM's conv input: x (b, L, d), K directions, width 4."""
+    batch, K, seqlen, d, _, grid = shape
+    g = torch.Generator(device='cuda').manual_seed(1)
+    x = torch.randn(batch, seqlen, 2 * d, device='cuda', generator=g).to(torch.bfloat16)[..., :d]
+    w = torch.randn(K, d, 4, device='cuda', generator=g) * .5
+    bias = torch.randn(K, d, device='cuda', generator=g)
+    order, inverse = (o.to(torch.int32) for o in scan_orders(grid, K, seqlen // 2 if seqlen % 2 else None,
+                                                              torch.device('cuda')))
+    du = torch.randn(K, batch, seqlen, d, device='cuda', generator=g).to(torch.bfloat16).transpose(0, 1)
+    ours = ts._conv_backward(du, x, w, bias, order, inverse)
+    theirs = other._conv_backward(du, x, w, bias, order, inverse)
+    row = dict(shape=shape[:5], rel_err={
+        n: ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+        for n, a, b in zip(('dx', 'dw', 'dbias'), ours, theirs)})
+    for rep in range(2):
+        row[f'other_bwd_ms_{rep}'] = cuda_median_ms(lambda: other._conv_backward(du, x, w, bias, order, inverse), iters)
+        row[f'bwd_ms_{rep}'] = cuda_median_ms(lambda: ts._conv_backward(du, x, w, bias, order, inverse), iters)
+        row[f'other_fwd_ms_{rep}'] = cuda_median_ms(lambda: other._conv_forward(x, w, bias, order), iters)
+        row[f'fwd_ms_{rep}'] = cuda_median_ms(lambda: ts._conv_forward(x, w, bias, order), iters)
+    if sweep:
+        rows, default = [], (ts.CONV_BWD_BLOCK_T, ts.CONV_BWD_BLOCK_D, ts.CONV_BWD_WARPS)
+        for tiles in itertools.product((8, 16, 32), (32, 64, 128), (1, 2, 4)):
+            if 4 * tiles[0] * tiles[1] > 128 * 32 * tiles[2]:  # more than 128 values of dw sums per thread
+                continue
+            ts.CONV_BWD_BLOCK_T, ts.CONV_BWD_BLOCK_D, ts.CONV_BWD_WARPS = tiles
+            rows.append(dict(ms=cuda_median_ms(lambda: ts._conv_backward(du, x, w, bias, order, inverse), iters),
+                             block_t=tiles[0], block_d=tiles[1], warps=tiles[2]))
+        ts.CONV_BWD_BLOCK_T, ts.CONV_BWD_BLOCK_D, ts.CONV_BWD_WARPS = default
+        row['sweep'] = sorted(rows, key=lambda r: r['ms'])[:8]
+        rows, default = [], (ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS)
+        for tiles in itertools.product((8, 16, 32), (32, 64, 128), (1, 2, 4)):  # forward and dx tiles
+            ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS = tiles
+            rows.append(dict(fwd_ms=cuda_median_ms(lambda: ts._conv_forward(x, w, bias, order), iters),
+                             bwd_ms=cuda_median_ms(lambda: ts._conv_backward(du, x, w, bias, order, inverse), iters),
+                             block_t=tiles[0], block_d=tiles[1], warps=tiles[2]))
+        ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS = default
+        row['sweep_forward'] = sorted(rows, key=lambda r: 2 * r['fwd_ms'] + r['bwd_ms'])[:8]
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--against', required=True, help='git revision to compare with')
+    parser.add_argument('--against', required=True,
+                        help='git revision to compare with, or a saved copy of triton_scan.py (a .py file)')
     parser.add_argument('--shapes', default='0,1', help='indices into scan_kernels.SHAPES')
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--sweep', action='store_true')
+    parser.add_argument('--conv', action='store_true', help='compare the causal conv instead of the scan')
     parser.add_argument('--json', default='')
     args = parser.parse_args()
     commit = resolve(args.against)  # before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit('scan_bwd_ab: needs a CUDA device')
     print(f'against {args.against} = {commit}', flush=True)
-    other = module_at(commit)
+    other = module_at(args.against, commit)
     rows = []
     for i in map(int, args.shapes.split(',')):
-        row = compare(SHAPES[i], other, args.iters, args.sweep)
+        row = (compare_conv if args.conv else compare)(SHAPES[i], other, args.iters, args.sweep)
         rows.append(row)
-        bwd, other_bwd = (min(row[f'{p}bwd_ms_{r}'] for r in range(2)) for p in ('', 'other_'))
-        print(f'{SHAPES[i][:5]}: backward {bwd:.3f} ms vs {other_bwd:.3f} ms at {commit[:10]} '
-              f'({other_bwd / bwd:.2f}x); worst gradient difference '
-              f'{max(row["rel_err"].values()):.1e}', flush=True)
+        if args.conv and args.sweep:
+            print('  conv backward tiles, fastest first:', row['sweep'][:4], flush=True)
+            print('  conv forward / dx tiles, fastest first (2 forwards + 1 backward):', row['sweep_forward'][:4],
+                  flush=True)
+        bwd, other_bwd, fwd, other_fwd = (min(row[f'{p}_ms_{r}'] for r in range(2))
+                                          for p in ('bwd', 'other_bwd', 'fwd', 'other_fwd'))
+        print(f'{"conv" if args.conv else "scan"} {SHAPES[i][:5]}: backward {bwd:.3f} ms vs {other_bwd:.3f} ms at '
+              f'{commit[:10]} ({other_bwd / bwd:.2f}x), forward {fwd:.3f} vs {other_fwd:.3f} ms; worst gradient '
+              f'difference {max(row["rel_err"].values()):.1e}', flush=True)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(device=torch.cuda.get_device_name(), against=args.against, commit=commit, rows=rows), f,

@@ -7,7 +7,8 @@ For each size: inference img/s (batch 256), training img/s (AdamW step; batch 12
 peak training memory, and the ARM / ViT ratios, at 224 px under bf16 autocast, for each timm_arm backend given
 (the ratios use the first). Also ARM-B built the naive way (four separate conv -> x_proj -> dt_proj -> scan chains
 with flips and copies, on mamba-ssm's kernels), as the reference code builds it. --profile prints where the
-CUDA time of one ARM training step goes, per kernel. Timing: warm-up, then the median of CUDA-event timed steps.
+CUDA time of an ARM-B and a ViT-B training step goes, per kernel and by kind. Timing: warm-up, then the median of
+CUDA-event timed steps.
 """
 import argparse
 import datetime
@@ -88,8 +89,15 @@ def measure(name, model, infer_batch, train_batch, iters, warmup):
     return row
 
 
-def profile(model, batch, steps=3):
-    """Print the CUDA kernel-time table of ARM training steps (forward, backward, AdamW)."""
+KERNEL_KINDS = [  # kernel-name keywords of each kind, first match wins
+    ('scan', ('_scan_',)), ('conv', ('_conv_',)), ('attention', ('flash', 'fmha', 'attention')),
+    ('matmul', ('nvjet', 'gemm', 'cutlass', 'sm90_xmma', 'cublas')), ('norm', ('layer_norm', 'GammaBeta')),
+    ('reduce', ('reduce_kernel',)), ('copy / cast', ('copy',)), ('optimizer', ('multi_tensor', 'fused_adam')),
+]
+
+
+def profile(name, model, batch, steps=3):
+    """Print the CUDA kernel-time table of training steps (forward, backward, AdamW) and its sum by kind."""
     model = model.cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(batch, 3, 224, 224, device='cuda')
@@ -108,7 +116,12 @@ def profile(model, batch, steps=3):
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
-    print(f'kernel time per step: {total / steps / 1e3:.1f} ms')
+    print(f'{name}: kernel time per step: {total / steps / 1e3:.1f} ms')
+    kinds = {}
+    for e in events:
+        kind = next((k for k, words in KERNEL_KINDS if any(w in e.key for w in words)), 'other')
+        kinds[kind] = kinds.get(kind, 0) + e.self_device_time_total
+    print('  ' + ', '.join(f'{k} {v / steps / 1e3:.1f} ms' for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
         print(f'  {100 * e.self_device_time_total / total:5.1f} %  {e.self_device_time_total / steps / 1e3:7.2f} ms  '
               f'{e.count // steps:4d}x  {e.key[:90]}')
@@ -124,7 +137,8 @@ def main():
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--no-naive', action='store_true')
     parser.add_argument('--backends', default='triton,cuda', help='timm_arm backends to time the ARM models with')
-    parser.add_argument('--profile', action='store_true', help='kernel-time table of one ARM training step')
+    parser.add_argument('--profile', action='store_true',
+                        help='kernel-time tables of an ARM-B and a ViT-B training step')
     parser.add_argument('--json', default='')
     args = parser.parse_args()
     backends = args.backends.split(',')
@@ -143,7 +157,8 @@ def main():
             rows.append(row)
             arm = row if i == 0 else arm
             if args.profile and i == 0 and size == 'base':
-                profile(timm.create_model(arm_name), train_batch)
+                profile(vit_name, timm.create_model(vit_name), train_batch)
+                profile(arm_name, timm.create_model(arm_name), train_batch)
         timm_arm.set_backend(None)
         if size == 'base' and not args.no_naive:
             rows.append(measure('arm_mamba_base (naive 4 chains)', naive(timm.create_model(arm_name)),

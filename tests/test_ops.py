@@ -178,3 +178,29 @@ def test_swiglu_dispatch_on_cpu(monkeypatch):
     torch.testing.assert_close(ops.swiglu(gate, value), torch.nn.functional.silu(gate) * value, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match='"triton" needs CUDA tensors'):
         ops.swiglu(gate, value, backend='triton')
+
+
+@pytest.mark.parametrize('branch_dtype', [torch.float32, torch.bfloat16])
+def test_add_layer_norm_on_cpu(branch_dtype):
+    """The blocks' residual add + LayerNorm: the sum in the promoted dtype (fp32 residual stream) and
+    LayerNorm of that sum, with gradients, on the plain path (the fused kernel is checked by gpu_check.py)."""
+    gen = torch.Generator().manual_seed(11)
+    residual = torch.randn(2, 9, 24, generator=gen).requires_grad_()
+    branch = torch.randn(2, 9, 24, generator=gen).to(branch_dtype).requires_grad_()
+    weight = (1 + .1 * torch.randn(24, generator=gen)).requires_grad_()
+    bias = torch.randn(24, generator=gen).requires_grad_()
+    total, normed = ops.add_layer_norm(residual, branch, weight, bias, 1e-5)
+    assert total.dtype == normed.dtype == torch.float32
+    ref_total = residual.detach() + branch.detach().float()
+    mean, var = ref_total.mean(-1, keepdim=True), ref_total.var(-1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(total, ref_total, rtol=0, atol=0)
+    torch.testing.assert_close(normed, (ref_total - mean) / torch.sqrt(var + 1e-5) * weight + bias)
+    probe = torch.randn(2, 9, 24, generator=gen)
+    grads = torch.autograd.grad((normed * probe).sum() + total.sum(), (residual, branch, weight, bias))
+    ref_in = [t.detach().clone().requires_grad_() for t in (residual, branch, weight, bias)]
+    ref_sum = ref_in[0] + ref_in[1].float()
+    ref = F.layer_norm(ref_sum, (24,), ref_in[2], ref_in[3], 1e-5)
+    ref_grads = torch.autograd.grad((ref * probe).sum() + ref_sum.sum(), ref_in)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r)

@@ -58,3 +58,18 @@ def test_lane_tile_layout_puts_channels_on_lane_bits():
         assert shape.split('x')[-1] == '16'
         assert fields['threadsPerWarp'][-1] == 16 and fields['order'][0] == rank - 1, layouts[layout]
         assert set(fields['sizePerThread']) == {1} and set(fields['warpsPerCTA']) == {1}, layouts[layout]
+
+
+def test_triton_conv_rejects_widths_above_four():
+    """The Triton conv keeps up to 4 taps in registers (causal-conv1d's limit too): wider is a clear error,
+    raised before any kernel launch."""
+    import torch
+    from timm_arm.ops.triton_scan import causal_conv1d_silu_tokens, mixer_core_tokens
+    x = torch.randn(1, 6, 8)
+    with pytest.raises(ValueError, match='widths 1 to 4.*got 5'):
+        causal_conv1d_silu_tokens(x, torch.randn(2, 8, 5), torch.randn(2, 8))
+    K, d, N, R = 2, 8, 4, 2
+    with pytest.raises(ValueError, match='widths 1 to 4.*got 6'):
+        mixer_core_tokens(torch.randn(1, 6, 2 * d), torch.randn(K, d, 6), torch.randn(K, d),
+                          torch.randn(K, R + 2 * N, d), torch.randn(K, d, R), torch.randn(K, d), -torch.rand(K, d, N),
+                          torch.randn(K, d))

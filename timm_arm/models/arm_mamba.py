@@ -31,9 +31,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from timm_arm.ops import mixer_core, swiglu
+from timm_arm.ops import add_layer_norm, mixer_core, swiglu
 
-register_notrace_function(swiglu)  # it dispatches on the tensors' device: a leaf call for FX
+# they dispatch on the tensors' device: leaf calls for FX
+register_notrace_function(swiglu)
+register_notrace_function(add_layer_norm)
 
 __all__ = ['ArmMamba', 'MultiDirectionMamba', 'ArmBlock', 'scan_orders', 'resample_pos_embed', 'HUB_ORG']
 
@@ -259,9 +261,10 @@ class ArmBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, order: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.mixer(self.norm1(x), order))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
+        # the first residual add and norm2 as one op: one fused kernel where mamba-ssm's is available
+        branch = self.drop_path1(self.mixer(self.norm1(x), order))
+        x, h = add_layer_norm(x, branch, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        return x + self.drop_path2(self.mlp(h))
 
 
 class ArmMamba(nn.Module):

@@ -538,15 +538,45 @@ if has_triton:
                  mask=mask_t[:, None] & mask_d[None, :])
 
     @triton.jit
+    def _conv_tap(x_base, order_ptr, k, t, back: tl.constexpr, seqlen, sx_l, mask_t, mask_d, HAS_ORDER: tl.constexpr):
+        """x at scan steps t - back (zero before the first step), (BLOCK_T, BLOCK_D) fp32."""
+        src = t - back
+        psrc = _positions(order_ptr, k, src, seqlen, HAS_ORDER)
+        return tl.load(x_base + psrc[:, None] * sx_l, mask=(mask_t & (src >= 0))[:, None] & mask_d[None, :],
+                       other=0.).to(tl.float32)
+
+    @triton.jit
     def _conv_bwd_pre(
             x_ptr, w_ptr, bias_ptr, order_ptr, du_ptr, dpre_ptr, dw_ptr,
             sx_b, sx_l, sdu_b, sdu_k, sdu_l, seqlen, d_inner, num_dirs,
             W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
-        """d(pre-activation) in scan order, and per-program partial sums of dw (W rows) and dbias (row W)."""
-        pre, kb, k, b, t, mask_t, offs_d, mask_d, x_base = _conv_tile(
-            x_ptr, w_ptr, bias_ptr, order_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs, W, HAS_ORDER, BLOCK_T, BLOCK_D)
+        """d(pre-activation) in scan order, and per-program partial sums of dw (W rows) and dbias (row W). Each tap
+        (up to 4, as in causal-conv1d) is gathered once and kept for both the pre-activation and dw."""
+        pid_d, pid_t, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        batch = tl.num_programs(2) // num_dirs
+        k, b = kb // batch, kb % batch
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d_inner
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask_t = t < seqlen
         mask = mask_t[:, None] & mask_d[None, :]
+        row = k * d_inner + offs_d
+        x_base = x_ptr + b.to(tl.int64) * sx_b + offs_d[None, :]
+        # x0 = x at step t, x1 at t - 1, ...; tap j of the weights reads step t - (W - 1 - j)
+        x0 = _conv_tap(x_base, order_ptr, k, t, 0, seqlen, sx_l, mask_t, mask_d, HAS_ORDER)
+        pre = tl.load(bias_ptr + row, mask=mask_d, other=0.).to(tl.float32)[None, :] \
+            + x0 * tl.load(w_ptr + row * W + W - 1, mask=mask_d, other=0.).to(tl.float32)[None, :]
+        x1, x2, x3 = x0, x0, x0
+        if W > 1:
+            x1 = _conv_tap(x_base, order_ptr, k, t, 1, seqlen, sx_l, mask_t, mask_d, HAS_ORDER)
+            pre += x1 * tl.load(w_ptr + row * W + W - 2, mask=mask_d, other=0.).to(tl.float32)[None, :]
+        if W > 2:
+            x2 = _conv_tap(x_base, order_ptr, k, t, 2, seqlen, sx_l, mask_t, mask_d, HAS_ORDER)
+            pre += x2 * tl.load(w_ptr + row * W + W - 3, mask=mask_d, other=0.).to(tl.float32)[None, :]
+        if W > 3:
+            x3 = _conv_tap(x_base, order_ptr, k, t, 3, seqlen, sx_l, mask_t, mask_d, HAS_ORDER)
+            pre += x3 * tl.load(w_ptr + row * W + W - 4, mask=mask_d, other=0.).to(tl.float32)[None, :]
         pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
         g = tl.load(du_ptr + b.to(tl.int64) * sdu_b + k * sdu_k + pos[:, None] * sdu_l + offs_d[None, :],
                     mask=mask, other=0.).to(tl.float32)
@@ -555,12 +585,13 @@ if has_triton:
         tl.store(dpre_ptr + kb.to(tl.int64) * seqlen * d_inner + t[:, None] * d_inner + offs_d[None, :],
                  dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
         part = dw_ptr + ((kb * tl.num_programs(1) + tl.program_id(1)) * (W + 1)) * d_inner + offs_d
-        for j in tl.static_range(W):
-            src = t - (W - 1) + j
-            valid = mask_t & (src >= 0)
-            psrc = _positions(order_ptr, k, src, seqlen, HAS_ORDER)
-            xv = tl.load(x_base + psrc[:, None] * sx_l, mask=valid[:, None] & mask_d[None, :], other=0.)
-            tl.store(part + j * d_inner, tl.sum(dpre * xv.to(tl.float32), axis=0), mask=mask_d)
+        tl.store(part + (W - 1) * d_inner, tl.sum(dpre * x0, axis=0), mask=mask_d)
+        if W > 1:
+            tl.store(part + (W - 2) * d_inner, tl.sum(dpre * x1, axis=0), mask=mask_d)
+        if W > 2:
+            tl.store(part + (W - 3) * d_inner, tl.sum(dpre * x2, axis=0), mask=mask_d)
+        if W > 3:
+            tl.store(part + (W - 4) * d_inner, tl.sum(dpre * x3, axis=0), mask=mask_d)
         tl.store(part + W * d_inner, tl.sum(dpre, axis=0), mask=mask_d)
 
     @triton.jit
@@ -832,6 +863,7 @@ def selective_scan_triton(
 
 
 CONV_BLOCK_T, CONV_BLOCK_D, CONV_WARPS = 16, 64, 2  # conv tiles (swept on an H200 at ARM-B's shape)
+CONV_BWD_BLOCK_T, CONV_BWD_BLOCK_D, CONV_BWD_WARPS = 16, 64, 1  # the backward's d(pre-activation) tiles
 
 
 class _ConvTokens(torch.autograd.Function):
@@ -848,6 +880,12 @@ class _ConvTokens(torch.autograd.Function):
         x, weight, bias, order, inverse = ctx.saved_tensors
         dx, dw, db = _conv_backward(_channels_last(du), x, weight, bias, order, inverse)
         return dx, dw.to(weight.dtype), db.to(bias.dtype), None, None
+
+
+def _check_width(width: int) -> None:
+    if not 1 <= width <= 4:
+        raise ValueError(f'causal_conv1d: the Triton conv takes widths 1 to 4 (as causal-conv1d), got {width}; '
+                         f"use backend='torch' for wider convs")
 
 
 def causal_conv1d_silu_tokens(
@@ -869,6 +907,7 @@ def causal_conv1d_silu_tokens(
     if weight.dim() != 3 or weight.shape[1] != d_inner or bias.shape != weight.shape[:2]:
         raise ValueError(f'causal_conv1d: weight must be (K, {d_inner}, W) and bias (K, {d_inner}), got '
                          f'{tuple(weight.shape)}, {tuple(bias.shape)}')
+    _check_width(weight.shape[-1])
     if (order is None) != (inverse is None):
         raise ValueError('causal_conv1d: order and inverse go together')
     order = _check_order(order, weight.shape[0], seqlen)
@@ -890,20 +929,20 @@ def _conv_forward(x, weight, bias, order):
 def _conv_backward(du, x, weight, bias, order, inverse, dx=None):
     batch, seqlen, d_inner = x.shape
     num_dirs, _, width = weight.shape
-    t_blocks = triton.cdiv(seqlen, CONV_BLOCK_T)
+    t_blocks = triton.cdiv(seqlen, CONV_BWD_BLOCK_T)
     f32 = torch.float32
     # d(pre-activation) in the activations' dtype: fp32 only where they are (dw sums it in fp32 inside the kernel)
     dpre = torch.empty((num_dirs, batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
     dw = torch.empty((num_dirs * batch, t_blocks, width + 1, d_inner), device=x.device, dtype=f32)
     has_order = order is not None
-    grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch * num_dirs)
+    grid = (triton.cdiv(d_inner, CONV_BWD_BLOCK_D), t_blocks, batch * num_dirs)
     _conv_bwd_pre[grid](x, weight, bias, order if has_order else weight, du, dpre, dw,
                         x.stride(0), x.stride(1), du.stride(0), du.stride(1), du.stride(2),
-                        seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D,
-                        HAS_ORDER=has_order, num_warps=CONV_WARPS)
+                        seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_BWD_BLOCK_T, BLOCK_D=CONV_BWD_BLOCK_D,
+                        HAS_ORDER=has_order, num_warps=CONV_BWD_WARPS)
     if dx is None:
         dx = torch.empty((batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(d_inner, CONV_BLOCK_D), t_blocks, batch)
+    grid = (triton.cdiv(d_inner, CONV_BLOCK_D), triton.cdiv(seqlen, CONV_BLOCK_T), batch)
     _conv_bwd_dx[grid](dpre, weight, inverse if has_order else weight, dx, dx.stride(0), dx.stride(1), seqlen,
                        d_inner, num_dirs,
                        W=width, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D, HAS_ORDER=has_order,
@@ -1025,6 +1064,7 @@ def mixer_core_tokens(
                          f'{tuple(x_proj_weight.shape)} do not fit A {tuple(A.shape)}')
     if (order is None) != (inverse is None):
         raise ValueError('mixer: order and inverse go together')
+    _check_width(conv_weight.shape[-1])
     order = _check_order(order, num_dirs, seqlen)
     inverse = _check_order(inverse, num_dirs, seqlen, 'inverse')
     cfg = config or scan_config(d_inner, seqlen, d_state)
