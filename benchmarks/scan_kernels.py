@@ -117,7 +117,8 @@ def sweep(shape, iters):
 
 
 def sweep_conv(shape, iters):
-    """The Triton conv's forward and backward over tile sizes (module-level constants of triton_scan)."""
+    """The Triton conv's forward and backward over the forward / dx tile sizes (module-level constants of
+    triton_scan; the backward's d(pre-activation) tiles: ``scan_bwd_ab.py --conv --sweep``)."""
     batch, K, seqlen, d, N, grid = shape
     _, order = token_inputs(*shape)
     x = torch.randn(batch, seqlen, 2 * d, device='cuda', dtype=torch.bfloat16)
