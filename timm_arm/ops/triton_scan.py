@@ -500,11 +500,27 @@ if has_triton:
             tl.store(dbias_ptr + row64, dbias_acc, mask=mask_d)
 
     @triton.jit
+    def _conv_tap(acc, x_base, w_ptr, row, order_ptr, k, t, back: tl.constexpr, seqlen, sx_l, mask_t, mask_d,
+                  W: tl.constexpr, HAS_ORDER: tl.constexpr):
+        """x at scan steps t - back, (BLOCK_T, BLOCK_D) fp32 (zero before the first step), and acc plus its weighted
+        term of the pre-activation (weight tap W - 1 - back). For back >= W: acc unchanged, and no x (a placeholder,
+        never read)."""
+        x = acc
+        if back < W:
+            src = t - back
+            psrc = _positions(order_ptr, k, src, seqlen, HAS_ORDER)
+            x = tl.load(x_base + psrc[:, None] * sx_l, mask=(mask_t & (src >= 0))[:, None] & mask_d[None, :],
+                        other=0.).to(tl.float32)
+            acc += x * tl.load(w_ptr + row * W + W - 1 - back, mask=mask_d, other=0.).to(tl.float32)[None, :]
+        return x, acc
+
+    @triton.jit
     def _conv_tile(x_ptr, w_ptr, bias_ptr, order_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs,
                    W: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """This program's tile of the causal conv: scan steps t of direction k, image b (program axis 2 is
-        k * batch + b), BLOCK_D channels. Returns the pre-activation (BLOCK_T, BLOCK_D) fp32 and the tile's
-        coordinates."""
+        k * batch + b), BLOCK_D channels. Returns the pre-activation (BLOCK_T, BLOCK_D) fp32, the inputs it read
+        (x at steps t, t - 1, t - 2, t - 3: W <= 4 taps, as in causal-conv1d, each gathered once and kept for the
+        backward's dw) and the tile's coordinates."""
         pid_d, pid_t, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         batch = tl.num_programs(2) // num_dirs
         k, b = kb // batch, kb % batch
@@ -514,22 +530,20 @@ if has_triton:
         mask_t = t < seqlen
         row = k * d_inner + offs_d
         x_base = x_ptr + b.to(tl.int64) * sx_b + offs_d[None, :]
-        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-        acc += tl.load(bias_ptr + row, mask=mask_d, other=0.).to(tl.float32)[None, :]
-        for j in tl.static_range(W):
-            src = t - (W - 1) + j
-            valid = mask_t & (src >= 0)
-            psrc = _positions(order_ptr, k, src, seqlen, HAS_ORDER)
-            xv = tl.load(x_base + psrc[:, None] * sx_l, mask=valid[:, None] & mask_d[None, :], other=0.)
-            acc += xv.to(tl.float32) * tl.load(w_ptr + row * W + j, mask=mask_d, other=0.).to(tl.float32)[None, :]
-        return acc, kb, k, b, t, mask_t, offs_d, mask_d, x_base
+        pre = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        pre += tl.load(bias_ptr + row, mask=mask_d, other=0.).to(tl.float32)[None, :]
+        x3, pre = _conv_tap(pre, x_base, w_ptr, row, order_ptr, k, t, 3, seqlen, sx_l, mask_t, mask_d, W, HAS_ORDER)
+        x2, pre = _conv_tap(pre, x_base, w_ptr, row, order_ptr, k, t, 2, seqlen, sx_l, mask_t, mask_d, W, HAS_ORDER)
+        x1, pre = _conv_tap(pre, x_base, w_ptr, row, order_ptr, k, t, 1, seqlen, sx_l, mask_t, mask_d, W, HAS_ORDER)
+        x0, pre = _conv_tap(pre, x_base, w_ptr, row, order_ptr, k, t, 0, seqlen, sx_l, mask_t, mask_d, W, HAS_ORDER)
+        return pre, x0, x1, x2, x3, kb, k, b, t, mask_t, offs_d, mask_d
 
     @triton.jit
     def _conv_fwd(
             x_ptr, w_ptr, bias_ptr, order_ptr, u_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs,
             W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
-        pre, kb, k, b, t, mask_t, offs_d, mask_d, _ = _conv_tile(
+        pre, _, _, _, _, kb, k, b, t, mask_t, offs_d, mask_d = _conv_tile(
             x_ptr, w_ptr, bias_ptr, order_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs, W, HAS_ORDER, BLOCK_T, BLOCK_D)
         out = pre * tl.sigmoid(pre)
         pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
@@ -538,12 +552,10 @@ if has_triton:
                  mask=mask_t[:, None] & mask_d[None, :])
 
     @triton.jit
-    def _conv_tap(x_base, order_ptr, k, t, back: tl.constexpr, seqlen, sx_l, mask_t, mask_d, HAS_ORDER: tl.constexpr):
-        """x at scan steps t - back (zero before the first step), (BLOCK_T, BLOCK_D) fp32."""
-        src = t - back
-        psrc = _positions(order_ptr, k, src, seqlen, HAS_ORDER)
-        return tl.load(x_base + psrc[:, None] * sx_l, mask=(mask_t & (src >= 0))[:, None] & mask_d[None, :],
-                       other=0.).to(tl.float32)
+    def _store_tap_sum(part, back: tl.constexpr, x, dpre, d_inner, mask_d, W: tl.constexpr):
+        """dw of weight tap W - 1 - back: the sum over steps of dpre * x at t - back (nothing for back >= W)."""
+        if back < W:
+            tl.store(part + (W - 1 - back) * d_inner, tl.sum(dpre * x, axis=0), mask=mask_d)
 
     @triton.jit
     def _conv_bwd_pre(
@@ -551,32 +563,11 @@ if has_triton:
             sx_b, sx_l, sdu_b, sdu_k, sdu_l, seqlen, d_inner, num_dirs,
             W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
-        """d(pre-activation) in scan order, and per-program partial sums of dw (W rows) and dbias (row W). Each tap
-        (up to 4, as in causal-conv1d) is gathered once and kept for both the pre-activation and dw."""
-        pid_d, pid_t, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        batch = tl.num_programs(2) // num_dirs
-        k, b = kb // batch, kb % batch
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < d_inner
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        mask_t = t < seqlen
+        """d(pre-activation) in scan order, and per-program partial sums of dw (W rows) and dbias (row W), from
+        the taps the pre-activation was recomputed from."""
+        pre, x0, x1, x2, x3, kb, k, b, t, mask_t, offs_d, mask_d = _conv_tile(
+            x_ptr, w_ptr, bias_ptr, order_ptr, sx_b, sx_l, seqlen, d_inner, num_dirs, W, HAS_ORDER, BLOCK_T, BLOCK_D)
         mask = mask_t[:, None] & mask_d[None, :]
-        row = k * d_inner + offs_d
-        x_base = x_ptr + b.to(tl.int64) * sx_b + offs_d[None, :]
-        # x0 = x at step t, x1 at t - 1, ...; tap j of the weights reads step t - (W - 1 - j)
-        x0 = _conv_tap(x_base, order_ptr, k, t, 0, seqlen, sx_l, mask_t, mask_d, HAS_ORDER)
-        pre = tl.load(bias_ptr + row, mask=mask_d, other=0.).to(tl.float32)[None, :] \
-            + x0 * tl.load(w_ptr + row * W + W - 1, mask=mask_d, other=0.).to(tl.float32)[None, :]
-        x1, x2, x3 = x0, x0, x0
-        if W > 1:
-            x1 = _conv_tap(x_base, order_ptr, k, t, 1, seqlen, sx_l, mask_t, mask_d, HAS_ORDER)
-            pre += x1 * tl.load(w_ptr + row * W + W - 2, mask=mask_d, other=0.).to(tl.float32)[None, :]
-        if W > 2:
-            x2 = _conv_tap(x_base, order_ptr, k, t, 2, seqlen, sx_l, mask_t, mask_d, HAS_ORDER)
-            pre += x2 * tl.load(w_ptr + row * W + W - 3, mask=mask_d, other=0.).to(tl.float32)[None, :]
-        if W > 3:
-            x3 = _conv_tap(x_base, order_ptr, k, t, 3, seqlen, sx_l, mask_t, mask_d, HAS_ORDER)
-            pre += x3 * tl.load(w_ptr + row * W + W - 4, mask=mask_d, other=0.).to(tl.float32)[None, :]
         pos = _positions(order_ptr, k, t, seqlen, HAS_ORDER)
         g = tl.load(du_ptr + b.to(tl.int64) * sdu_b + k * sdu_k + pos[:, None] * sdu_l + offs_d[None, :],
                     mask=mask, other=0.).to(tl.float32)
@@ -585,13 +576,10 @@ if has_triton:
         tl.store(dpre_ptr + kb.to(tl.int64) * seqlen * d_inner + t[:, None] * d_inner + offs_d[None, :],
                  dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
         part = dw_ptr + ((kb * tl.num_programs(1) + tl.program_id(1)) * (W + 1)) * d_inner + offs_d
-        tl.store(part + (W - 1) * d_inner, tl.sum(dpre * x0, axis=0), mask=mask_d)
-        if W > 1:
-            tl.store(part + (W - 2) * d_inner, tl.sum(dpre * x1, axis=0), mask=mask_d)
-        if W > 2:
-            tl.store(part + (W - 3) * d_inner, tl.sum(dpre * x2, axis=0), mask=mask_d)
-        if W > 3:
-            tl.store(part + (W - 4) * d_inner, tl.sum(dpre * x3, axis=0), mask=mask_d)
+        _store_tap_sum(part, 0, x0, dpre, d_inner, mask_d, W)
+        _store_tap_sum(part, 1, x1, dpre, d_inner, mask_d, W)
+        _store_tap_sum(part, 2, x2, dpre, d_inner, mask_d, W)
+        _store_tap_sum(part, 3, x3, dpre, d_inner, mask_d, W)
         tl.store(part + W * d_inner, tl.sum(dpre, axis=0), mask=mask_d)
 
     @triton.jit
