@@ -226,6 +226,11 @@ def _fused_layer_norm():
 
 
 @torch.compiler.disable  # a Triton autograd node: opaque to torch.compile, like the mixer
+def _fused_add_layer_norm(fused, residual, branch, weight, bias, eps):
+    normed, total = fused(branch, weight, bias, residual=residual, eps=eps, prenorm=True)
+    return total, normed
+
+
 def add_layer_norm(
         residual: torch.Tensor,
         branch: torch.Tensor,
@@ -247,7 +252,6 @@ def add_layer_norm(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (residual, branch, weight, bias))
     if fused is not None and not needs_grad and resolve_backend(residual, backend, op='scan') != 'torch':
-        normed, total = fused(branch, weight, bias, residual=residual, eps=eps, prenorm=True)
-        return total, normed
+        return _fused_add_layer_norm(fused, residual, branch, weight, bias, eps)
     total = residual + branch
     return total, F.layer_norm(total, total.shape[-1:], weight, bias, eps)
