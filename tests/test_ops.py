@@ -204,3 +204,12 @@ def test_add_layer_norm_on_cpu(branch_dtype):
     for g, r in zip(grads, ref_grads):
         assert g.dtype == r.dtype
         torch.testing.assert_close(g, r)
+
+
+def test_add_layer_norm_traces_without_graph_break():
+    """Off the fused kernel, torch.compile sees plain add + layer_norm (only the fused call is opaque)."""
+    import torch._dynamo
+    args = (torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(8), torch.randn(8), 1e-5)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(ops.add_layer_norm)(*args)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
