@@ -7,7 +7,8 @@ For each shape (benchmarks/scan_kernels.SHAPES) it loads ``timm_arm/ops/triton_s
 revision (``git show``, into a temporary module), checks that both give the same gradients (relative to the
 largest reference value: bf16 outputs differ by rounding only), and times both backwards (and forwards) twice,
 alternating, median of CUDA-event timings. --sweep also times this tree's backward over segment lengths and
-register caps (the conv's: over its backward tiles). Needs a GPU and the git history of this checkout.
+register caps (the conv's: over its tiles). Needs a GPU, and the git history of this checkout unless --against
+names a saved copy of the module.
 """
 import argparse
 import itertools
@@ -60,6 +61,12 @@ def module_at(revision: str, commit: str):
     return module
 
 
+def rel_errs(names, ours, theirs):
+    """Largest difference of each pair of gradients, relative to the largest value of the other tree's."""
+    return {n: ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+            for n, a, b in zip(names, ours, theirs)}
+
+
 def compare(shape, other, iters, sweep):
     t, order = token_inputs(*shape)
     t = {k: v.detach() for k, v in t.items()}
@@ -70,9 +77,8 @@ def compare(shape, other, iters, sweep):
     other_cfg = other.scan_config(shape[3], shape[2], shape[4])
     ours = ts._scan_backward(dy, *args, cfg)
     theirs = other._scan_backward(dy, *args, other_cfg)
-    row = dict(shape=shape[:5], config=cfg._asdict(), other_config=other_cfg._asdict(), rel_err={
-        n: ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-        for n, a, b in zip(GRADS, ours, theirs)})
+    row = dict(shape=shape[:5], config=cfg._asdict(), other_config=other_cfg._asdict(),
+               rel_err=rel_errs(GRADS, ours, theirs))
     for rep in range(2):
         row[f'other_bwd_ms_{rep}'] = cuda_median_ms(lambda: other._scan_backward(dy, *args, other_cfg), iters)
         row[f'bwd_ms_{rep}'] = cuda_median_ms(lambda: ts._scan_backward(dy, *args, cfg), iters)
@@ -103,9 +109,7 @@ def compare_conv(shape, other, iters, sweep):
     du = torch.randn(K, batch, seqlen, d, device='cuda', generator=g).to(torch.bfloat16).transpose(0, 1)
     ours = ts._conv_backward(du, x, w, bias, order, inverse)
     theirs = other._conv_backward(du, x, w, bias, order, inverse)
-    row = dict(shape=shape[:5], rel_err={
-        n: ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-        for n, a, b in zip(('dx', 'dw', 'dbias'), ours, theirs)})
+    row = dict(shape=shape[:5], rel_err=rel_errs(('dx', 'dw', 'dbias'), ours, theirs))
     for rep in range(2):
         row[f'other_bwd_ms_{rep}'] = cuda_median_ms(lambda: other._conv_backward(du, x, w, bias, order, inverse), iters)
         row[f'bwd_ms_{rep}'] = cuda_median_ms(lambda: ts._conv_backward(du, x, w, bias, order, inverse), iters)
@@ -114,7 +118,7 @@ def compare_conv(shape, other, iters, sweep):
     if sweep:
         rows, default = [], (ts.CONV_BWD_BLOCK_T, ts.CONV_BWD_BLOCK_D, ts.CONV_BWD_WARPS)
         for tiles in itertools.product((8, 16, 32), (32, 64, 128), (1, 2, 4)):
-            if 4 * tiles[0] * tiles[1] > 128 * 32 * tiles[2]:  # more than 128 values of dw sums per thread
+            if 4 * tiles[0] * tiles[1] > 128 * 32 * tiles[2]:  # more than 128 tap values held per thread
                 continue
             ts.CONV_BWD_BLOCK_T, ts.CONV_BWD_BLOCK_D, ts.CONV_BWD_WARPS = tiles
             rows.append(dict(ms=cuda_median_ms(lambda: ts._conv_backward(du, x, w, bias, order, inverse), iters),
