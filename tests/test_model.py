@@ -221,15 +221,15 @@ def test_training_step_reduces_loss():
     assert losses[-1] < 0.3 * losses[0]
 
 
-@pytest.mark.parametrize('dim, seed', [(20, 0), (1024, 1), (36, 2)])
-def test_aligned_swiglu_equals_timm_glumlp(dim, seed):
+@pytest.mark.parametrize('dim, seed, gate_last', [(20, 0, False), (1024, 1, False), (36, 2, False), (20, 3, True)])
+def test_aligned_swiglu_equals_timm_glumlp(dim, seed, gate_last):
     # ARM's SwiGLU width dim * 8 // 3 (2730 for ARM-L; 53 for 20; 96 for 36, already aligned) is padded to a
     # multiple of 8 inside the forward; outputs and every gradient must be timm's GluMlp's
     from timm.layers import GluMlp
     from timm_arm.models.arm_mamba import AlignedGluMlp
     hidden = int(dim * 4 * 2 / 3)
     torch.manual_seed(seed)
-    mlp = AlignedGluMlp(dim, 2 * hidden, act_layer=torch.nn.SiLU, gate_last=False)
+    mlp = AlignedGluMlp(dim, 2 * hidden, act_layer=torch.nn.SiLU, gate_last=gate_last)
     with torch.no_grad():
         mlp.fc1.bias.normal_()
         mlp.fc2.bias.normal_()

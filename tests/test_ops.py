@@ -171,13 +171,17 @@ def test_triton_backend_on_cpu_only_under_the_interpreter(monkeypatch):
     assert ops.resolve_backend(x, op='scan') == 'torch'  # 'auto' on CPU stays on PyTorch
 
 
-def test_swiglu_dispatch_on_cpu(monkeypatch):
+@pytest.mark.parametrize('gate_last', [False, True])
+def test_swiglu_dispatch_on_cpu(monkeypatch, gate_last):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     gen = torch.Generator().manual_seed(3)
-    gate, value = torch.randn(4, 37, generator=gen), torch.randn(4, 37, generator=gen)
-    torch.testing.assert_close(ops.swiglu(gate, value), torch.nn.functional.silu(gate) * value, rtol=0, atol=0)
+    x = torch.randn(4, 3, 74, generator=gen)
+    gate, value = (x[..., 37:], x[..., :37]) if gate_last else (x[..., :37], x[..., 37:])
+    torch.testing.assert_close(ops.swiglu(x, gate_last), torch.nn.functional.silu(gate) * value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match='odd size 5'):
+        ops.swiglu(torch.randn(2, 5))
     with pytest.raises(RuntimeError, match='"triton" needs CUDA tensors'):
-        ops.swiglu(gate, value, backend='triton')
+        ops.swiglu(x, backend='triton')
 
 
 @pytest.mark.parametrize('branch_dtype', [torch.float32, torch.bfloat16])

@@ -171,21 +171,28 @@ def check_conv(shape, permute, device, dtype=torch.float32, seed=0, tol=1e-5):
     return ok
 
 
-def check_swiglu(shape, device, dtype=torch.float32, seed=0, tol=1e-5):
-    """The fused silu(gate) * value: output and both gradients against PyTorch's ops in fp32."""
+def check_swiglu(shape, device, dtype=torch.float32, seed=0, tol=1e-5, gate_last=False, row_pad=0):
+    """The fused silu(gate) * value on the halves of x (..., 2 H), rows optionally padded (a strided view): output
+    and the gradient of x against PyTorch's ops in fp32."""
     from timm_arm.ops.triton_scan import swiglu_triton
     g = torch.Generator().manual_seed(seed)
-    gate, value, dout = (torch.randn(*shape, generator=g).mul(3).to(device, dtype) for _ in range(3))
-    gate, value = gate.requires_grad_(), value.requires_grad_()
-    out = swiglu_triton(gate, value)
-    grads = torch.autograd.grad(out, (gate, value), dout)
-    gr, vr = (t.detach().float().requires_grad_() for t in (gate, value))
-    ref = torch.nn.functional.silu(gr) * vr
-    ref_grads = torch.autograd.grad(ref, (gr, vr), dout.float())
-    errs = {'out': rel_err(out, ref), 'gate': rel_err(grads[0], ref_grads[0]), 'value': rel_err(grads[1], ref_grads[1])}
+    *lead, width = shape
+    full = torch.randn(*lead, 2 * width + row_pad, generator=g).mul(3).to(device, dtype)
+    dout = torch.randn(*lead, width, generator=g).to(device, dtype)
+    x = full[..., :2 * width].requires_grad_() if not row_pad else full.requires_grad_()[..., :2 * width]
+    leaf = full if row_pad else x
+    out = swiglu_triton(x, gate_last)
+    grad, = torch.autograd.grad(out, leaf, dout)
+    xr = leaf.detach().float().requires_grad_()
+    first, second = xr[..., :2 * width].chunk(2, dim=-1)
+    gate, value = (second, first) if gate_last else (first, second)
+    ref = torch.nn.functional.silu(gate) * value
+    ref_grad, = torch.autograd.grad(ref, xr, dout.float())
+    errs = {'out': rel_err(out, ref), 'x': rel_err(grad, ref_grad)}
     worst = max(errs, key=errs.get)
-    ok = errs[worst] < tol and out.dtype == dtype and all(t.dtype == dtype for t in grads)
-    print(f'{"ok  " if ok else "FAIL"} swiglu shape={shape} {dtype} worst={worst} {errs[worst]:.2e}', flush=True)
+    ok = errs[worst] < tol and out.dtype == dtype and grad.dtype == dtype and out.shape == ref.shape
+    print(f'{"ok  " if ok else "FAIL"} swiglu shape={shape} gate_last={gate_last} row_pad={row_pad} {dtype} '
+          f'worst={worst} {errs[worst]:.2e}', flush=True)
     return ok
 
 
@@ -286,9 +293,10 @@ def main():
     for shape, permute in CONV_CASES:
         ok &= check_conv(shape, permute, device)
     ok &= check_conv((2, 4, 19, 6, 4), True, device, dtype=torch.bfloat16, tol=BF16_TOL)
-    for seed, shape in enumerate([(3, 7, 53), (2, 4100), (1,)]):
-        ok &= check_swiglu(shape, device, seed=seed)
-    ok &= check_swiglu((5, 3000), device, dtype=torch.bfloat16, seed=7, tol=BF16_TOL)
+    for seed, shape in enumerate([(3, 7, 53), (2, 4100), (1, 1)]):
+        ok &= check_swiglu(shape, device, seed=seed, gate_last=seed == 1)
+    ok &= check_swiglu((9, 300), device, seed=5, row_pad=6)
+    ok &= check_swiglu((5, 3000), device, dtype=torch.bfloat16, seed=7, tol=BF16_TOL, gate_last=True)
     ok &= check_model(device)
     print('ALL OK' if ok else 'FAILURES')
     sys.exit(0 if ok else 1)

@@ -204,9 +204,9 @@ class MultiDirectionMamba(nn.Module):
 class AlignedGluMlp(GluMlp):
     """timm's GluMlp, same parameters and results, computed the fast way on GPUs.
 
-    - fc1's gate and value halves run as two GEMMs with contiguous outputs, and silu(gate) * value as one fused
-      kernel (timm's version runs SiLU and the product as strided, unvectorised kernels on the halves of one
-      GEMM's output, and autograd keeps silu(gate) as a third activation);
+    - fc1 stays one GEMM and silu(gate) * value is one fused kernel that reads the GEMM output's two halves in
+      place and writes their gradients back as one tensor (timm's version runs SiLU and the product as strided,
+      unvectorised kernels on the halves, and autograd keeps silu(gate) as a third activation);
     - the hidden width is zero-padded to a multiple of 8: ARM's SwiGLU width dim * 4 * 2 // 3 is 2730 for ARM-L,
       and rows of 2730 bf16 values are not 16-byte aligned, which sends cuBLAS to slow GEMM kernels (43 % of
       ARM-L's inference time on an H200). The zero rows / columns add exact zeros.
@@ -217,16 +217,17 @@ class AlignedGluMlp(GluMlp):
             return super().forward(x)
         hidden = self.fc2.in_features
         pad = -hidden % 8
-        w1, b1, w2 = self.fc1.weight.unflatten(0, (2, hidden)), self.fc1.bias, self.fc2.weight
-        b1 = b1.unflatten(0, (2, hidden)) if b1 is not None else None
-        if pad:
-            w1, w2 = F.pad(w1, (0, 0, 0, pad)), F.pad(w2, (0, pad))
-            b1 = F.pad(b1, (0, pad)) if b1 is not None else None
-        x1, x2 = (F.linear(x, w1[i], b1[i] if b1 is not None else None) for i in range(2))
-        gate, value = (x2, x1) if self.gate_last else (x1, x2)
+        w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
+        if pad:  # each half of fc1 (and fc2's input) padded to hidden + pad
+            w1 = F.pad(w1.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
+            b1 = F.pad(b1.unflatten(0, (2, hidden)), (0, pad)).flatten() if b1 is not None else None
+            w2 = F.pad(w2, (0, pad))
+        x = F.linear(x, w1, b1)
         if isinstance(self.act, nn.SiLU):
-            x = swiglu(gate, value)  # one fused kernel on GPU
+            x = swiglu(x, self.gate_last)  # one fused kernel on GPU
         else:
+            first, second = x.chunk(2, dim=-1)
+            gate, value = (second, first) if self.gate_last else (first, second)
             x = self.act(gate) * value  # padded columns: act(0) * 0 = 0
         return self.drop2(F.linear(self.drop1(x), w2, self.fc2.bias))
 

@@ -204,12 +204,17 @@ def mixer_core(
     return y.transpose(1, 2) * F.silu(xz[..., d:])
 
 
-def swiglu(gate: torch.Tensor, value: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-    """silu(gate) * value: one fused Triton kernel (forward and backward) where the Triton scan runs, else
-    PyTorch's two ops."""
-    if resolve_backend(gate, backend, op='scan') == 'triton':
+def swiglu(x: torch.Tensor, gate_last: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+    """silu(gate) * value of the two halves of x's last dimension (timm GluMlp's split: gate first unless
+    gate_last), (..., 2 H) -> (..., H). One fused Triton kernel (forward and backward, halves read in place) where
+    the Triton scan runs, else PyTorch's ops."""
+    if x.shape[-1] % 2:
+        raise ValueError(f'swiglu: the last dimension holds gate and value halves, got an odd size {x.shape[-1]}')
+    if resolve_backend(x, backend, op='scan') == 'triton':
         from .triton_scan import swiglu_triton
-        return swiglu_triton(gate, value)
+        return swiglu_triton(x, gate_last)
+    first, second = x.chunk(2, dim=-1)
+    gate, value = (second, first) if gate_last else (first, second)
     return F.silu(gate) * value
 
 

@@ -33,7 +33,8 @@ Conv: u[k, order[k, t]] = silu(bias_k + sum_j w_kj x[order[k, t - W + 1 + j]]) (
 read straight from the in-projection's output. Its backward writes d(pre-activation) in scan order, then sums,
 for every token, the contributions of all K directions into one dx.
 
-SwiGLU: silu(gate) * value for the blocks' MLP, one elementwise kernel forward and one backward.
+SwiGLU: silu(gate) * value of the two halves of the MLP's one fc1 GEMM output, read in place; one elementwise
+kernel forward, one backward writing both halves' gradients as one tensor.
 """
 import os
 from functools import lru_cache, partial
@@ -327,7 +328,7 @@ if has_triton:
     @triton.jit
     def _scan_bwd_kernel(
             u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, order_ptr, dy_ptr, seg_ptr, loc_ptr,
-            du_ptr, ddt_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
+            du_ptr, ddt_ptr, dparam_ptr, dBC_ptr,
             su_b, su_k, su_l, su_d, sdt_b, sdt_k, sdt_l, sdt_d,
             sB_b, sB_k, sB_l, sB_n, sC_b, sC_k, sC_l, sC_n, sdy_b, sdy_k, sdy_l, sdy_d,
             seqlen, d_inner, d_state,
@@ -364,8 +365,8 @@ if has_triton:
         seg_base = seg_ptr + bk * num_segments * NP * d_inner + offs_n[:, None] * d_inner + offs_d[None, :]
         loc_base = loc_ptr + ((bk * num_blocks + pid_d) * M * NP + offs_n[:, None]) * BLOCK_D \
             + tl.arange(0, BLOCK_D)[None, :]
-        # dB / dC partials (K, b, blocks, L, NP), fp32
-        part_row = ((bk * num_blocks + pid_d) * seqlen) * NP
+        # dB / dC partials side by side, (K, b, blocks, L, 2 NP), fp32
+        part_row = ((bk * num_blocks + pid_d) * seqlen) * (2 * NP)
         if LANE_TILE:
             t_sum, n_sum = _channel_sum_index()
         first = offs_t[:, None, None] == 0
@@ -483,21 +484,24 @@ if has_triton:
                     dC = _channel_sums(hs * g[:, None, :])
                     t_s = (s * M + m) * T + t_sum
                     pos_s = _positions(order_ptr, k, t_s, seqlen, HAS_ORDER)
-                    tl.store(dB_ptr + part_row + pos_s * NP + n_sum, dB, mask=t_s < seqlen)
-                    tl.store(dC_ptr + part_row + pos_s * NP + n_sum, dC, mask=t_s < seqlen)
+                    part = dBC_ptr + part_row + pos_s * (2 * NP) + n_sum
+                    tl.store(part, dB, mask=t_s < seqlen)
+                    tl.store(part + NP, dC, mask=t_s < seqlen)
                 else:
                     dB = tl.sum(lam * dtu[:, None, :], axis=2)  # (T, NP)
                     dC = tl.sum(hs * g[:, None, :], axis=2)
-                    tl.store(dB_ptr + part_row + pos[:, None] * NP + offs_n[None, :], dB, mask=mask_t[:, None])
-                    tl.store(dC_ptr + part_row + pos[:, None] * NP + offs_n[None, :], dC, mask=mask_t[:, None])
+                    part = dBC_ptr + part_row + pos[:, None] * (2 * NP) + offs_n[None, :]
+                    tl.store(part, dB, mask=mask_t[:, None])
+                    tl.store(part + NP, dC, mask=mask_t[:, None])
             tl.debug_barrier()  # the next segment overwrites the chunk starts
 
-        row64 = b64 * num_dirs * d_inner + row  # dA, dD, dbias partials: (b, K * d)
-        tl.store(dA_ptr + row64[None, :] * NP + offs_n[:, None], dA_acc, mask=mask_nd)
+        # dA, dD, dbias partials side by side: (b, K * d, NP + 2)
+        param_row = dparam_ptr + (b64 * num_dirs * d_inner + row) * (NP + 2)
+        tl.store(param_row[None, :] + offs_n[:, None], dA_acc, mask=mask_nd)
         if HAS_D:
-            tl.store(dD_ptr + row64, dD_acc, mask=mask_d)
+            tl.store(param_row + NP, dD_acc, mask=mask_d)
         if HAS_BIAS:
-            tl.store(dbias_ptr + row64, dbias_acc, mask=mask_d)
+            tl.store(param_row + NP + 1, dbias_acc, mask=mask_d)
 
     @triton.jit
     def _conv_tap(acc, x_base, w_ptr, row, order_ptr, k, t, back: tl.constexpr, seqlen, sx_l, mask_t, mask_d,
@@ -645,23 +649,34 @@ if has_triton:
                  (g * mean * s * (1. + z * (1. - s))).to(dz_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_fwd(gate_ptr, value_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        a = tl.load(gate_ptr + offs, mask=mask, other=0.).to(tl.float32)
-        v = tl.load(value_ptr + offs, mask=mask, other=0.).to(tl.float32)
-        tl.store(out_ptr + offs, (a * tl.sigmoid(a) * v).to(out_ptr.dtype.element_ty), mask=mask)
+    def _swiglu_fwd(x_ptr, out_ptr, rows, width, sx_row, gate_col, value_col,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """out[r, c] = silu(x[r, gate_col + c]) * x[r, value_col + c]: the two halves of one GEMM output, read in
+        place (rows of x may be padded: sx_row >= 2 width)."""
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (r < rows)[:, None] & (c < width)[None, :]
+        x_row = x_ptr + r.to(tl.int64)[:, None] * sx_row + c[None, :]
+        a = tl.load(x_row + gate_col, mask=mask, other=0.).to(tl.float32)
+        v = tl.load(x_row + value_col, mask=mask, other=0.).to(tl.float32)
+        tl.store(out_ptr + r.to(tl.int64)[:, None] * width + c[None, :],
+                 (a * tl.sigmoid(a) * v).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd(gate_ptr, value_ptr, dout_ptr, dgate_ptr, dvalue_ptr, numel, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        a = tl.load(gate_ptr + offs, mask=mask, other=0.).to(tl.float32)
-        v = tl.load(value_ptr + offs, mask=mask, other=0.).to(tl.float32)
-        g = tl.load(dout_ptr + offs, mask=mask, other=0.).to(tl.float32)
+    def _swiglu_bwd(x_ptr, dout_ptr, dx_ptr, rows, width, sx_row, sdo_row, gate_col, value_col,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """dx (rows, 2 width), contiguous: both halves' gradients in the layout of x."""
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (r < rows)[:, None] & (c < width)[None, :]
+        r64 = r.to(tl.int64)[:, None]
+        a = tl.load(x_ptr + r64 * sx_row + c[None, :] + gate_col, mask=mask, other=0.).to(tl.float32)
+        v = tl.load(x_ptr + r64 * sx_row + c[None, :] + value_col, mask=mask, other=0.).to(tl.float32)
+        g = tl.load(dout_ptr + r64 * sdo_row + c[None, :], mask=mask, other=0.).to(tl.float32)
         s = tl.sigmoid(a)
-        tl.store(dgate_ptr + offs, (g * v * s * (1. + a * (1. - s))).to(dgate_ptr.dtype.element_ty), mask=mask)
-        tl.store(dvalue_ptr + offs, (g * a * s).to(dvalue_ptr.dtype.element_ty), mask=mask)
+        dx_row = dx_ptr + r64 * (2 * width) + c[None, :]
+        tl.store(dx_row + gate_col, (g * v * s * (1. + a * (1. - s))).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_row + value_col, (g * a * s).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 _last_kernels = {}  # the latest compiled kernels, for benchmarks (registers, spills)
@@ -716,11 +731,8 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
     # direction-major outputs, returned as (b, K, ...) views
     du = torch.empty((num_dirs, batch, seqlen, d_inner), device=dev, dtype=u.dtype)
     ddelta = torch.empty((num_dirs, batch, seqlen, d_inner), device=dev, dtype=delta.dtype)
-    dA = torch.empty((batch, num_dirs * d_inner, np_), device=dev, dtype=f32)
-    dD = torch.empty((batch, num_dirs * d_inner), device=dev, dtype=f32) if D is not None else None
-    dbias = torch.empty((batch, num_dirs * d_inner), device=dev, dtype=f32) if delta_bias is not None else None
-    dB = torch.empty((num_dirs, batch, num_blocks, seqlen, np_), device=dev, dtype=f32)
-    dC = torch.empty_like(dB)
+    dparams = torch.empty((batch, num_dirs * d_inner, np_ + 2), device=dev, dtype=f32)  # dA | dD | dbias partials
+    dBC = torch.empty((num_dirs, batch, num_blocks, seqlen, 2 * np_), device=dev, dtype=f32)  # dB | dC partials
     segment_steps = cfg.T_bwd * cfg.chunks_per_segment
     has_states = cfg.states_in_forward_kernel and segment_steps % cfg.T == 0
     if has_states:  # the backward's first pass (a forward sweep) on the forward's wider tiles
@@ -735,18 +747,20 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
     _last_kernels['scan_bwd'] = _scan_bwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
         order if order is not None else A, dy, segments, chunk_starts,
-        du, ddelta, dA, dD if dD is not None else dA, dbias if dbias is not None else dA, dB, dC,
+        du, ddelta, dparams, dBC,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), seqlen, d_inner, d_state,
         NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, M=cfg.chunks_per_segment, HAS_D=D is not None,
         LANE_TILE=_lane_tile(cfg, np_), HAS_STATES=has_states,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd,
         **({'maxnreg': cfg.max_registers_bwd} if cfg.max_registers_bwd and _has_register_cap() else {}))
-    dA = dA.sum(0)[:, :d_state].reshape(A.shape)
-    dB = dB.sum(2)[..., :d_state].transpose(0, 1)
-    dC = dC.sum(2)[..., :d_state].transpose(0, 1)
-    return (du.transpose(0, 1), ddelta.transpose(0, 1), dA, dB.to(B.dtype), dC.to(C.dtype),
-            dD.sum(0).view(D.shape).to(D.dtype) if D is not None else None,
-            dbias.sum(0).view(delta_bias.shape).to(delta_bias.dtype) if delta_bias is not None else None)
+    dparams = dparams.sum(0)  # one reduction over the batch for dA, dD and dbias
+    dA = dparams[:, :d_state].reshape(A.shape)
+    dD = dparams[:, np_].view(D.shape).to(D.dtype) if D is not None else None
+    dbias = dparams[:, np_ + 1].view(delta_bias.shape).to(delta_bias.dtype) if delta_bias is not None else None
+    # one reduction over the channel blocks and one cast for dB and dC: (K, b, L, [dB | dC]) in B's dtype
+    dBC = dBC.sum(2).to(B.dtype)
+    dB, dC = dBC[..., :d_state].transpose(0, 1), dBC[..., np_:np_ + d_state].transpose(0, 1)
+    return du.transpose(0, 1), ddelta.transpose(0, 1), dA, dB, dC, dD, dbias
 
 
 class _ScanTokens(torch.autograd.Function):
@@ -955,8 +969,9 @@ class _MixerCore(torch.autograd.Function):
         x, z = xz[..., :d_inner], xz[..., d_inner:]
         # direction-major activations (K, b L, c): the projections are K plain batched matmuls, no copies
         u = _direction_major(_conv_forward(x, conv_weight, conv_bias, order))
-        x_dbl = torch.bmm(u, x_proj_weight.to(dtype).transpose(1, 2))  # (K, b L, R + 2N)
-        delta = torch.bmm(x_dbl[..., :rank], dt_proj_weight.to(dtype).transpose(1, 2))  # (K, b L, d)
+        w_x, w_dt = x_proj_weight.to(dtype), dt_proj_weight.to(dtype)  # kept for the backward (small)
+        x_dbl = torch.bmm(u, w_x.transpose(1, 2))  # (K, b L, R + 2N)
+        delta = torch.bmm(x_dbl[..., :rank], w_dt.transpose(1, 2))  # (K, b L, d)
         B, C = x_dbl[..., rank:].chunk(2, dim=-1)
         tokens = partial(_token_view, batch=batch)
         y = _scan_forward(tokens(u), tokens(delta), A, tokens(B), tokens(C), D, dt_proj_bias, True, order, cfg)
@@ -966,16 +981,15 @@ class _MixerCore(torch.autograd.Function):
         grid = (triton.cdiv(d_inner, GATE_BLOCK_D), triton.cdiv(seqlen, GATE_BLOCK_T), batch)
         _gate_fwd[grid](y, z, out, mean, z.stride(0), z.stride(1), seqlen, d_inner, num_dirs,
                         BLOCK_T=GATE_BLOCK_T, BLOCK_D=GATE_BLOCK_D, num_warps=4)
-        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order,
-                              inverse, x_dbl, mean)
+        ctx.save_for_backward(xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A, D, order, inverse, x_dbl, mean)
+        ctx.weight_dtypes = x_proj_weight.dtype, dt_proj_weight.dtype
         ctx.cfg = cfg
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order, inverse, x_dbl, mean = \
-            ctx.saved_tensors
-        dtype, (num_dirs, d_inner, _), rank = xz.dtype, A.shape, dt_proj_weight.shape[-1]
+        xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A, D, order, inverse, x_dbl, mean = ctx.saved_tensors
+        dtype, (num_dirs, d_inner, _), rank = xz.dtype, A.shape, w_dt.shape[-1]
         batch, seqlen = xz.shape[:2]
         x, z = xz[..., :d_inner], xz[..., d_inner:]
         dout = _channels_last(dout)
@@ -986,7 +1000,6 @@ class _MixerCore(torch.autograd.Function):
                         z.stride(1), dxz.stride(0), dxz.stride(1), seqlen, d_inner, num_dirs,
                         BLOCK_T=GATE_BLOCK_T, BLOCK_D=GATE_BLOCK_D, num_warps=4)
 
-        w_x, w_dt = x_proj_weight.to(dtype), dt_proj_weight.to(dtype)
         u = _direction_major(_conv_forward(x, conv_weight, conv_bias, order))
         dt = x_dbl[..., :rank]
         delta = torch.bmm(dt, w_dt.transpose(1, 2))
@@ -1005,8 +1018,9 @@ class _MixerCore(torch.autograd.Function):
         del u, dx_dbl
         _, d_conv_w, d_conv_b = _conv_backward(tokens(du), x, conv_weight, conv_bias, order, inverse,
                                                dxz[..., :d_inner])
-        return (dxz, d_conv_w.to(conv_weight.dtype), d_conv_b.to(conv_bias.dtype), d_w_x.to(x_proj_weight.dtype),
-                d_w_dt.to(dt_proj_weight.dtype), dbias, dA.to(A.dtype), dD, None, None, None)
+        x_proj_dtype, dt_proj_dtype = ctx.weight_dtypes
+        return (dxz, d_conv_w.to(conv_weight.dtype), d_conv_b.to(conv_bias.dtype), d_w_x.to(x_proj_dtype),
+                d_w_dt.to(dt_proj_dtype), dbias, dA.to(A.dtype), dD, None, None, None)
 
 
 def _direction_major(t: torch.Tensor) -> torch.Tensor:
@@ -1061,37 +1075,47 @@ def mixer_core_tokens(
         dt_proj_bias.contiguous(), A.float().contiguous(), D.contiguous(), order, inverse, cfg)
 
 
-SWIGLU_BLOCK = 2048
+SWIGLU_BLOCK_R, SWIGLU_BLOCK_C = 8, 256
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * value in one pass; keeps gate and value (not silu(gate)) for the backward."""
+    """silu(gate half) * value half of x (rows, 2 width) in one pass; keeps x (not silu(gate)) for the backward,
+    whose gradient comes back as one (rows, 2 width) tensor: fc1 stays one GEMM, forward and backward."""
 
     @staticmethod
-    def forward(ctx, gate, value):
-        gate, value = gate.contiguous(), value.contiguous()
-        out = torch.empty_like(gate)
-        grid = (triton.cdiv(gate.numel(), SWIGLU_BLOCK),)
-        _swiglu_fwd[grid](gate, value, out, gate.numel(), BLOCK=SWIGLU_BLOCK, num_warps=8)
-        ctx.save_for_backward(gate, value)
+    def forward(ctx, x, gate_last):
+        rows, width = x.shape[0], x.shape[1] // 2
+        out = torch.empty((rows, width), device=x.device, dtype=x.dtype)
+        gate_col, value_col = (width, 0) if gate_last else (0, width)
+        grid = (triton.cdiv(width, SWIGLU_BLOCK_C), triton.cdiv(rows, SWIGLU_BLOCK_R))
+        _swiglu_fwd[grid](x, out, rows, width, x.stride(0), gate_col, value_col,
+                          BLOCK_R=SWIGLU_BLOCK_R, BLOCK_C=SWIGLU_BLOCK_C, num_warps=4)
+        ctx.save_for_backward(x)
+        ctx.cols = gate_col, value_col
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        gate, value = ctx.saved_tensors
-        dgate, dvalue = torch.empty_like(gate), torch.empty_like(value)
-        grid = (triton.cdiv(gate.numel(), SWIGLU_BLOCK),)
-        _swiglu_bwd[grid](gate, value, dout.contiguous(), dgate, dvalue, gate.numel(), BLOCK=SWIGLU_BLOCK,
-                          num_warps=8)
-        return dgate, dvalue
+        x, = ctx.saved_tensors
+        rows, width = dout.shape
+        dout = _channels_last(dout)
+        dx = torch.empty((rows, 2 * width), device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(width, SWIGLU_BLOCK_C), triton.cdiv(rows, SWIGLU_BLOCK_R))
+        _swiglu_bwd[grid](x, dout, dx, rows, width, x.stride(0), dout.stride(0), *ctx.cols,
+                          BLOCK_R=SWIGLU_BLOCK_R, BLOCK_C=SWIGLU_BLOCK_C, num_warps=4)
+        return dx, None
 
 
 @torch.compiler.disable
-def swiglu_triton(gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * value (same shapes and dtypes) as one Triton kernel, forward and backward."""
+def swiglu_triton(x: torch.Tensor, gate_last: bool = False) -> torch.Tensor:
+    """silu(gate) * value of the two halves of x's last dimension (gate first unless gate_last), as one Triton
+    kernel forward and backward: (..., 2 H) -> (..., H). x may be a view with padded rows (contiguous last dim)."""
     if not has_triton:
         raise RuntimeError('timm_arm: the triton SwiGLU needs triton installed')
-    if gate.shape != value.shape or gate.dtype != value.dtype:
-        raise ValueError(f'swiglu: gate and value must match, got {tuple(gate.shape)} {gate.dtype} and '
-                         f'{tuple(value.shape)} {value.dtype}')
-    return _SwiGLU.apply(gate, value)
+    if x.shape[-1] % 2:
+        raise ValueError(f'swiglu: the last dimension holds gate and value halves, got an odd size {x.shape[-1]}')
+    lead, width = x.shape[:-1], x.shape[-1] // 2
+    if x.numel() == 0:
+        return x.new_empty(*lead, width)
+    rows = _channels_last(x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x)
+    return _SwiGLU.apply(rows, bool(gate_last)).view(*lead, width)
