@@ -197,7 +197,7 @@ class MultiDirectionMamba(nn.Module):
         """x: (B, L, dim) in token order; order: (scan order, inverse) from scan_orders(), None for 1 direction."""
         y = mixer_core(
             self.in_proj(x), order, self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight,
-            self.dt_proj_bias, -torch.exp(self.A_log.float()), self.D)
+            self.dt_proj_bias, self.A_log, self.D)
         return self.out_proj(y)
 
 

@@ -161,7 +161,7 @@ def mixer_core(
         x_proj_weight: torch.Tensor,
         dt_proj_weight: torch.Tensor,
         dt_proj_bias: torch.Tensor,
-        A: torch.Tensor,
+        A_log: torch.Tensor,
         D: torch.Tensor,
         backend: Optional[str] = None,
 ) -> torch.Tensor:
@@ -169,17 +169,18 @@ def mixer_core(
 
     xz: (b, L, 2d) = [x, z] per token; order: (scan order, inverse), (K, L) index tensors (None: one direction in
     token order); conv_weight: (K, d, W); conv_bias, dt_proj_bias, D: (K, d); x_proj_weight: (K, R + 2N, d);
-    dt_proj_weight: (K, d, R); A: (K, d, N). Per direction k, along its order:
+    dt_proj_weight: (K, d, R); A_log: (K, d, N), the state matrix as Mamba stores it (A = -exp(A_log)). Per
+    direction k, along its order:
         u = silu(conv(x));  [dt, B, C] = x_proj(u);  y_k = scan(u, dt_proj(dt), A, B, C, D, softplus(. + dt bias))
     returns mean_k(y_k mapped back to token order) * silu(z), (b, L, d).
     """
     batch, seqlen, two_d = xz.shape
-    K, d, N = A.shape
+    K, d, N = A_log.shape
     R = dt_proj_weight.shape[-1]
     if resolve_backend(xz, backend, op='scan') == 'triton':
         from .triton_scan import mixer_core_tokens
         order_, inverse = order if order is not None else (None, None)
-        return mixer_core_tokens(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
+        return mixer_core_tokens(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
                                  order_, inverse)
 
     # channel-first (mamba-ssm's layout): scan orders as gathers
@@ -193,6 +194,7 @@ def mixer_core(
     x_dbl = torch.matmul(x_proj_weight.to(u.dtype), u.view(batch, K, d, seqlen))  # (b, K, R + 2N, L)
     dt, B, C = x_dbl.split([R, N, N], dim=2)
     delta = torch.matmul(dt_proj_weight.to(dt.dtype), dt)  # (b, K, d, L)
+    A = -torch.exp(A_log.float())
     y = selective_scan(
         u, delta.reshape(batch, K * d, seqlen), A.reshape(K * d, N), B, C, D=D.reshape(-1),
         delta_bias=dt_proj_bias.reshape(-1), delta_softplus=True, backend=backend,

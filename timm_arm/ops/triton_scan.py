@@ -221,6 +221,14 @@ if has_triton:
         return _delta_of(raw, mask, bias, HAS_BIAS, SOFTPLUS)
 
     @triton.jit
+    def _load_A(A_ptr, row, offs_n, mask, d_state, A_IS_LOG: tl.constexpr):
+        """A (NP, BLOCK_D) fp32; from A_log (A = -exp(A_log), as the mixer stores it) where A_IS_LOG."""
+        A = tl.load(A_ptr + row[None, :] * d_state + offs_n[:, None], mask=mask, other=0.).to(tl.float32)
+        if A_IS_LOG:
+            A = tl.where(mask, -tl.exp(A), 0.)
+        return A
+
+    @triton.jit
     def _chunk_loads(u_base, dt_base, B_base, pos, mask_t, mask_d, mask_n, su_l, sdt_l, sB_l):
         """u, delta (before bias) and B of one chunk at token positions pos, as stored."""
         mask = mask_t[:, None] & mask_d[None, :]
@@ -237,7 +245,7 @@ if has_triton:
             seqlen, d_inner, d_state,
             NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
             HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr,
-            SEGMENT_CHUNKS: tl.constexpr = 0,
+            SEGMENT_CHUNKS: tl.constexpr = 0, A_IS_LOG: tl.constexpr = False,
     ):
         """y (K, b, L, d); or, with SEGMENT_CHUNKS, no y but the state at every segment start (every SEGMENT_CHUNKS
         chunks) into y_ptr as (K, b, segments, NP, d) fp32: the backward's first pass."""
@@ -250,8 +258,7 @@ if has_triton:
         row = k * d_inner + offs_d  # channel row of the (K * d) stacked parameters
 
         # exp(delta A) = exp2(delta A log2 e)
-        A2 = tl.load(A_ptr + row[None, :] * d_state + offs_n[:, None], mask=mask_n[:, None] & mask_d[None, :],
-                     other=0.).to(tl.float32) * 1.4426950408889634
+        A2 = _load_A(A_ptr, row, offs_n, mask_n[:, None] & mask_d[None, :], d_state, A_IS_LOG) * 1.4426950408889634
         Dv = tl.load(D_ptr + row, mask=mask_d & HAS_D, other=0.).to(tl.float32)
         bias = tl.load(bias_ptr + row, mask=mask_d & HAS_BIAS, other=0.).to(tl.float32)
 
@@ -334,7 +341,7 @@ if has_triton:
             seqlen, d_inner, d_state,
             NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, M: tl.constexpr,
             HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDER: tl.constexpr,
-            LANE_TILE: tl.constexpr, HAS_STATES: tl.constexpr,
+            LANE_TILE: tl.constexpr, HAS_STATES: tl.constexpr, A_IS_LOG: tl.constexpr = False,
     ):
         pid_d, k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         num_blocks, num_dirs = tl.num_programs(0), tl.num_programs(1)
@@ -347,7 +354,7 @@ if has_triton:
         row = k * d_inner + offs_d
         mask_nd = mask_n[:, None] & mask_d[None, :]
 
-        A = tl.load(A_ptr + row[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.).to(tl.float32)
+        A = _load_A(A_ptr, row, offs_n, mask_nd, d_state, A_IS_LOG)
         A2 = A * 1.4426950408889634
         Dv = tl.load(D_ptr + row, mask=mask_d & HAS_D, other=0.).to(tl.float32)
         bias = tl.load(bias_ptr + row, mask=mask_d & HAS_BIAS, other=0.).to(tl.float32)
@@ -497,6 +504,8 @@ if has_triton:
 
         # dA, dD, dbias partials side by side: (b, K * d, NP + 2)
         param_row = dparam_ptr + (b64 * num_dirs * d_inner + row) * (NP + 2)
+        if A_IS_LOG:  # d A / d A_log = A
+            dA_acc *= A
         tl.store(param_row[None, :] + offs_n[:, None], dA_acc, mask=mask_nd)
         if HAS_D:
             tl.store(param_row + NP, dD_acc, mask=mask_d)
@@ -704,7 +713,8 @@ def _channels_last(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-def _scan_forward(u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanConfig):
+def _scan_forward(u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanConfig, a_is_log: bool = False):
+    """y (b, K, L, d) view of direction-major memory. a_is_log: A holds A_log (A = -exp(A_log))."""
     batch, num_dirs, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
     y = torch.empty((num_dirs, batch, seqlen, d_inner), device=u.device, dtype=u.dtype).transpose(0, 1)
@@ -714,11 +724,13 @@ def _scan_forward(u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanCo
         order if order is not None else A, y,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), seqlen, d_inner, d_state,
         NP=_pow2(d_state), BLOCK_D=cfg.block_d_fwd, T=cfg.T, HAS_D=D is not None,
-        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_fwd)
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, A_IS_LOG=a_is_log,
+        num_warps=cfg.warps_fwd)
     return y
 
 
-def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanConfig):
+def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanConfig, a_is_log: bool = False):
+    """(du, ddelta, dA, dB, dC, dD, dbias); with a_is_log, A holds A_log and dA is the gradient of A_log."""
     batch, num_dirs, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
     np_ = _pow2(d_state)
@@ -742,7 +754,7 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
             segments, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), seqlen, d_inner, d_state,
             NP=np_, BLOCK_D=cfg.block_d_fwd, T=cfg.T, HAS_D=False, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=softplus, HAS_ORDER=order is not None, SEGMENT_CHUNKS=segment_steps // cfg.T,
-            num_warps=cfg.warps_fwd)
+            A_IS_LOG=a_is_log, num_warps=cfg.warps_fwd)
     grid = (num_blocks, num_dirs, batch)
     _last_kernels['scan_bwd'] = _scan_bwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
@@ -750,7 +762,7 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
         du, ddelta, dparams, dBC,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), seqlen, d_inner, d_state,
         NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, M=cfg.chunks_per_segment, HAS_D=D is not None,
-        LANE_TILE=_lane_tile(cfg, np_), HAS_STATES=has_states,
+        LANE_TILE=_lane_tile(cfg, np_), HAS_STATES=has_states, A_IS_LOG=a_is_log,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd,
         **({'maxnreg': cfg.max_registers_bwd} if cfg.max_registers_bwd and _has_register_cap() else {}))
     dparams = dparams.sum(0)  # one reduction over the batch for dA, dD and dbias
@@ -962,9 +974,9 @@ class _MixerCore(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, order, inverse,
-                cfg):
-        dtype, (num_dirs, d_inner, _), rank = xz.dtype, A.shape, dt_proj_weight.shape[-1]
+    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, order,
+                inverse, cfg):
+        dtype, (num_dirs, d_inner, _), rank = xz.dtype, A_log.shape, dt_proj_weight.shape[-1]
         batch, seqlen = xz.shape[:2]
         x, z = xz[..., :d_inner], xz[..., d_inner:]
         # direction-major activations (K, b L, c): the projections are K plain batched matmuls, no copies
@@ -974,22 +986,24 @@ class _MixerCore(torch.autograd.Function):
         delta = torch.bmm(x_dbl[..., :rank], w_dt.transpose(1, 2))  # (K, b L, d)
         B, C = x_dbl[..., rank:].chunk(2, dim=-1)
         tokens = partial(_token_view, batch=batch)
-        y = _scan_forward(tokens(u), tokens(delta), A, tokens(B), tokens(C), D, dt_proj_bias, True, order, cfg)
+        y = _scan_forward(tokens(u), tokens(delta), A_log, tokens(B), tokens(C), D, dt_proj_bias, True, order, cfg,
+                          a_is_log=True)
         del u, delta
         out = torch.empty((batch, seqlen, d_inner), device=xz.device, dtype=dtype)
         mean = torch.empty_like(out)
         grid = (triton.cdiv(d_inner, GATE_BLOCK_D), triton.cdiv(seqlen, GATE_BLOCK_T), batch)
         _gate_fwd[grid](y, z, out, mean, z.stride(0), z.stride(1), seqlen, d_inner, num_dirs,
                         BLOCK_T=GATE_BLOCK_T, BLOCK_D=GATE_BLOCK_D, num_warps=4)
-        ctx.save_for_backward(xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A, D, order, inverse, x_dbl, mean)
+        ctx.save_for_backward(xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, order, inverse, x_dbl,
+                              mean)
         ctx.weight_dtypes = x_proj_weight.dtype, dt_proj_weight.dtype
         ctx.cfg = cfg
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A, D, order, inverse, x_dbl, mean = ctx.saved_tensors
-        dtype, (num_dirs, d_inner, _), rank = xz.dtype, A.shape, w_dt.shape[-1]
+        xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, order, inverse, x_dbl, mean = ctx.saved_tensors
+        dtype, (num_dirs, d_inner, _), rank = xz.dtype, A_log.shape, w_dt.shape[-1]
         batch, seqlen = xz.shape[:2]
         x, z = xz[..., :d_inner], xz[..., d_inner:]
         dout = _channels_last(dout)
@@ -1006,8 +1020,9 @@ class _MixerCore(torch.autograd.Function):
         B, C = x_dbl[..., rank:].chunk(2, dim=-1)
         tokens = partial(_token_view, batch=batch)
         dy = dy.unsqueeze(1).expand(batch, num_dirs, seqlen, d_inner)  # the same for every direction: stride 0
-        du, ddelta, dA, dB, dC, dD, dbias = _scan_backward(
-            dy, tokens(u), tokens(delta), A, tokens(B), tokens(C), D, dt_proj_bias, True, order, ctx.cfg)
+        du, ddelta, dA_log, dB, dC, dD, dbias = _scan_backward(
+            dy, tokens(u), tokens(delta), A_log, tokens(B), tokens(C), D, dt_proj_bias, True, order, ctx.cfg,
+            a_is_log=True)
         del delta
         du, ddelta, dB, dC = (_direction_major(t) for t in (du, ddelta, dB, dC))
         d_w_dt = torch.bmm(ddelta.transpose(1, 2), dt)  # (K, d, R)
@@ -1020,7 +1035,7 @@ class _MixerCore(torch.autograd.Function):
                                                dxz[..., :d_inner])
         x_proj_dtype, dt_proj_dtype = ctx.weight_dtypes
         return (dxz, d_conv_w.to(conv_weight.dtype), d_conv_b.to(conv_bias.dtype), d_w_x.to(x_proj_dtype),
-                d_w_dt.to(dt_proj_dtype), dbias, dA.to(A.dtype), dD, None, None, None)
+                d_w_dt.to(dt_proj_dtype), dbias, dA_log.to(A_log.dtype), dD, None, None, None)
 
 
 def _direction_major(t: torch.Tensor) -> torch.Tensor:
@@ -1044,7 +1059,7 @@ def mixer_core_tokens(
         x_proj_weight: torch.Tensor,
         dt_proj_weight: torch.Tensor,
         dt_proj_bias: torch.Tensor,
-        A: torch.Tensor,
+        A_log: torch.Tensor,
         D: torch.Tensor,
         order: Optional[torch.Tensor] = None,
         inverse: Optional[torch.Tensor] = None,
@@ -1053,17 +1068,17 @@ def mixer_core_tokens(
     """The K-direction mixer core on the Triton kernels, token-major (``mixer_core``'s semantics).
 
     xz: (b, L, 2d) in-projection output [x, z], contiguous channels; conv_weight: (K, d, W); conv_bias,
-    dt_proj_bias, D: (K, d); x_proj_weight: (K, R + 2N, d); dt_proj_weight: (K, d, R); A: (K, d, N);
+    dt_proj_bias, D: (K, d); x_proj_weight: (K, R + 2N, d); dt_proj_weight: (K, d, R); A_log: (K, d, N), A = -exp(A_log) taken inside the kernels;
     order / inverse: (K, L) or None. Returns mean over directions of the scan outputs * silu(z), (b, L, d).
     """
     if not has_triton:
         raise RuntimeError('timm_arm: the triton mixer needs triton installed')
     batch, seqlen, two_d = xz.shape
-    num_dirs, d_inner, d_state = A.shape
+    num_dirs, d_inner, d_state = A_log.shape
     if two_d != 2 * d_inner or conv_weight.shape[:2] != (num_dirs, d_inner) or x_proj_weight.shape[1:] != (
             dt_proj_weight.shape[-1] + 2 * d_state, d_inner):
         raise ValueError(f'mixer: xz {tuple(xz.shape)}, conv_weight {tuple(conv_weight.shape)}, x_proj_weight '
-                         f'{tuple(x_proj_weight.shape)} do not fit A {tuple(A.shape)}')
+                         f'{tuple(x_proj_weight.shape)} do not fit A_log {tuple(A_log.shape)}')
     if (order is None) != (inverse is None):
         raise ValueError('mixer: order and inverse go together')
     _check_width(conv_weight.shape[-1])
@@ -1072,7 +1087,7 @@ def mixer_core_tokens(
     cfg = config or scan_config(d_inner, seqlen, d_state)
     return _MixerCore.apply(
         _channels_last(xz), conv_weight.contiguous(), conv_bias.contiguous(), x_proj_weight, dt_proj_weight,
-        dt_proj_bias.contiguous(), A.float().contiguous(), D.contiguous(), order, inverse, cfg)
+        dt_proj_bias.contiguous(), A_log.float().contiguous(), D.contiguous(), order, inverse, cfg)
 
 
 SWIGLU_BLOCK_R, SWIGLU_BLOCK_C = 8, 256
