@@ -43,7 +43,8 @@ def test_scan_orders_hand_computed():
         [6, 2, 5, 3, 1, 4, 0],
     ])
     assert torch.equal(order, expected)
-    assert torch.equal(torch.gather(order, 1, inverse), torch.arange(7).expand(4, 7))
+    assert order.dtype == inverse.dtype == torch.int32  # the kernels' index type: no cast per layer
+    assert torch.equal(torch.gather(order.long(), 1, inverse.long()), torch.arange(7).expand(4, 7))
     assert scan_orders((2, 3), 1, None, torch.device('cpu')) is None
     with pytest.raises(ValueError, match='num_directions'):
         scan_orders((2, 3), 3, None, torch.device('cpu'))

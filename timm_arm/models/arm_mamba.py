@@ -51,7 +51,8 @@ def scan_orders(
         cls_index: Optional[int],
         device: torch.device,
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """Token order of each scan direction, and its inverse, as (K, L) index tensors (None for 1 direction).
+    """Token order of each scan direction, and its inverse, as (K, L) int32 index tensors, the kernels' index type
+    (None for 1 direction).
 
     Directions: row-major forward, row-major backward, column-major forward, column-major backward.
     The column order transposes the patch grid while the class token keeps its index; backward orders flip the
@@ -74,7 +75,7 @@ def scan_orders(
 
         rows, cols = with_cls(row_major), with_cls(column_major)
         order = torch.stack([rows, rows.flip(0), cols, cols.flip(0)][:num_directions])
-        return order.to(device), order.argsort(dim=1).to(device)
+        return order.to(device, torch.int32), order.argsort(dim=1).to(device, torch.int32)
 
 
 def resample_pos_embed(

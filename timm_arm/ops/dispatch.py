@@ -188,7 +188,7 @@ def mixer_core(
     if order is None:
         u = u.unsqueeze(1)
     else:
-        index = order[0].view(1, K, 1, seqlen).expand(batch, K, d, seqlen)
+        index = order[0].long().view(1, K, 1, seqlen).expand(batch, K, d, seqlen)
         u = u.unsqueeze(1).expand(batch, K, d, seqlen).gather(-1, index)
     u = causal_conv1d_silu(u.reshape(batch, K * d, seqlen), conv_weight.view(K * d, -1), conv_bias.view(-1), backend)
     x_dbl = torch.matmul(x_proj_weight.to(u.dtype), u.view(batch, K, d, seqlen))  # (b, K, R + 2N, L)
@@ -202,7 +202,7 @@ def mixer_core(
     if order is None:
         y = y[:, 0]
     else:
-        y = y.gather(-1, order[1].view(1, K, 1, seqlen).expand(batch, K, d, seqlen)).sum(1) / K
+        y = y.gather(-1, order[1].long().view(1, K, 1, seqlen).expand(batch, K, d, seqlen)).sum(1) / K
     return y.transpose(1, 2) * F.silu(xz[..., d:])
 
 
