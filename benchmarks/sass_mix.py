@@ -1,7 +1,7 @@
 """ Instruction mix of the Triton scan kernels, compiled for sm_90 on any machine (no GPU needed):
 
     python benchmarks/sass_mix.py [--kernel scan_bwd|scan_fwd] [--block-d 16] [--T 2] [--M 4] [--max-registers 176]
-                                  [--states] [--butterfly]
+                                  [--states] [--butterfly] [--a-log]
 
 Builds the kernel as the model calls it at ARM's shapes (bf16 activations, scan orders, softplus, D, delta bias),
 disassembles it with the cuobjdump that ships with Triton, and prints registers, stack (spill) bytes, layout
@@ -82,6 +82,7 @@ def main():
     parser.add_argument('--warps', type=int, default=1)
     parser.add_argument('--states', action='store_true', help='scan_bwd: segment states given (no first pass)')
     parser.add_argument('--butterfly', action='store_true', help='scan_bwd: channel sums as tl.sum (butterfly)')
+    parser.add_argument('--a-log', action='store_true', help='scan_fwd: A given as A_log (as the mixer passes it)')
     args = parser.parse_args()
     flags = dict(NP=16, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, HAS_ORDER=True)
     if args.kernel == 'scan_bwd':
@@ -93,7 +94,8 @@ def main():
                               args.warps, args.max_registers)
     else:
         block_d, T = args.block_d or default.block_d_fwd, args.T or default.T
-        kernel = compile_sm90(ts._scan_fwd_kernel, dict(flags, BLOCK_D=block_d, T=T, SEGMENT_CHUNKS=0), args.warps)
+        kernel = compile_sm90(ts._scan_fwd_kernel, dict(flags, BLOCK_D=block_d, T=T, SEGMENT_CHUNKS=0,
+                                                           A_IS_LOG=args.a_log), args.warps)
     registers, stack, loops = instruction_mix(kernel.asm['cubin'])
     per_thread = T * 16 * block_d // (32 * args.warps)
     print(f'{args.kernel}: T {T}, BLOCK_D {block_d}, warps {args.warps}: {registers} registers, {stack} B stack, '
