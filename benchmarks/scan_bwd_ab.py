@@ -67,7 +67,7 @@ def rel_errs(names, ours, theirs):
             for n, a, b in zip(names, ours, theirs)}
 
 
-def compare(shape, other, iters, sweep):
+def compare(shape, other, iters, sweep, caps=(144, 160, 176, None), segments=(2, 4, 6, 8)):
     t, order = token_inputs(*shape)
     t = {k: v.detach() for k, v in t.items()}
     args = (t['u'], t['delta'], t['A'].contiguous(), t['B'], t['C'], t['D'], t['delta_bias'], True,
@@ -86,8 +86,8 @@ def compare(shape, other, iters, sweep):
         row[f'fwd_ms_{rep}'] = cuda_median_ms(lambda: ts._scan_forward(*args, cfg), iters)
     if sweep:
         rows = []
-        for M in (2, 4, 6, 8):
-            for cap in (144, 160, 176, None):
+        for M in segments:
+            for cap in caps:
                 c = cfg._replace(chunks_per_segment=M, max_registers_bwd=cap)
                 ms = cuda_median_ms(lambda: ts._scan_backward(dy, *args, c), iters)
                 k = ts._last_kernels['scan_bwd']
@@ -144,6 +144,8 @@ def main():
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--sweep', action='store_true')
     parser.add_argument('--conv', action='store_true', help='compare the causal conv instead of the scan')
+    parser.add_argument('--caps', default='144,160,176,none', help='--sweep: register caps of the scan backward')
+    parser.add_argument('--segments', default='2,4,6,8', help='--sweep: chunks per segment of the scan backward')
     parser.add_argument('--json', default='')
     args = parser.parse_args()
     commit = resolve(args.against)  # before any GPU work
@@ -152,8 +154,17 @@ def main():
     print(f'against {args.against} = {commit}', flush=True)
     other = module_at(args.against, commit)
     rows = []
+    caps = tuple(None if c == 'none' else int(c) for c in args.caps.split(','))
+    segments = tuple(map(int, args.segments.split(',')))
     for i in map(int, args.shapes.split(',')):
-        row = (compare_conv if args.conv else compare)(SHAPES[i], other, args.iters, args.sweep)
+        if args.conv:
+            row = compare_conv(SHAPES[i], other, args.iters, args.sweep)
+        else:
+            row = compare(SHAPES[i], other, args.iters, args.sweep, caps, segments)
+            if args.sweep:
+                print('  scan backward (segments, cap), fastest first:', [
+                    (r['chunks_per_segment'], r['register_cap'], round(r['ms'], 3), r['registers'], r['spills'])
+                    for r in row['sweep'][:6]], flush=True)
         rows.append(row)
         if args.conv and args.sweep:
             print('  conv backward tiles, fastest first:', row['sweep'][:4], flush=True)
