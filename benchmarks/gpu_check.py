@@ -55,23 +55,28 @@ def check_scan(rows, batch, directions, d, seqlen, dtype):
 
 
 def check_add_layer_norm(rows, shape, amp):
-    """The blocks' residual add + LayerNorm at inference (mamba-ssm's fused kernel on the GPU paths) against
-    PyTorch's ops: sum and normed output, fp32 or under bf16 autocast (branch in bf16, residual fp32)."""
+    """The blocks' residual add + LayerNorm (the Triton kernel forward, PyTorch's LayerNorm backward) against
+    PyTorch's ops: sum, normed output and every gradient, fp32 or under bf16 autocast (branch in bf16, residual
+    fp32, the normed output in bf16 on the Triton path)."""
     g = torch.Generator(device='cuda').manual_seed(shape[1] * 7 + int(amp))
-    residual = torch.randn(*shape, device='cuda', generator=g)
+    residual = torch.randn(*shape, device='cuda', generator=g).requires_grad_()
     branch = torch.randn(*shape, device='cuda', generator=g)
-    branch = branch.bfloat16() if amp else branch
-    weight = 1 + .1 * torch.randn(shape[-1], device='cuda', generator=g)
-    bias = .1 * torch.randn(shape[-1], device='cuda', generator=g)
+    branch = (branch.bfloat16() if amp else branch).requires_grad_()
+    weight = (1 + .1 * torch.randn(shape[-1], device='cuda', generator=g)).requires_grad_()
+    bias = (.1 * torch.randn(shape[-1], device='cuda', generator=g)).requires_grad_()
+    probes = [torch.randn(*shape, device='cuda', generator=g) for _ in range(2)]
     results = {}
     for backend in ('triton', 'torch'):
-        with torch.no_grad(), torch.autocast('cuda', torch.bfloat16, enabled=amp):
-            results[backend] = ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend=backend)
+        with torch.autocast('cuda', torch.bfloat16, enabled=amp):
+            total, normed = ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend=backend)
+        loss = (normed.float() * probes[0]).sum() + (total * probes[1]).sum()
+        results[backend] = [total, normed] + list(torch.autograd.grad(loss, (residual, branch, weight, bias)))
     err = max(rel_err(a, b) for a, b in zip(results['triton'], results['torch']))
     tol = TOL['bf16' if amp else 'fp32']
-    ok = err < tol and results['triton'][0].dtype == results['torch'][0].dtype
-    rows.append(dict(check=f'add_layer_norm {tuple(shape)} {"bf16 autocast" if amp else "fp32"}', max_rel_err=err,
-                     tol=tol, ok=ok))
+    ok = err < tol and all(a.dtype == b.dtype for i, (a, b) in enumerate(zip(results['triton'], results['torch']))
+                           if i != 1)
+    rows.append(dict(check=f'add_layer_norm {tuple(shape)} {"bf16 autocast" if amp else "fp32"} (values, grads)',
+                     max_rel_err=err, tol=tol, ok=ok))
 
 
 def _run(model, x, backend, amp):

@@ -210,6 +210,15 @@ def test_add_layer_norm_on_cpu(branch_dtype):
         torch.testing.assert_close(g, r)
 
 
+def test_layer_norm_without_branch_on_cpu():
+    """branch None: the residual itself, and its LayerNorm (a block's norm1)."""
+    gen = torch.Generator().manual_seed(12)
+    x, weight, bias = torch.randn(3, 4, 16, generator=gen), torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    total, normed = ops.add_layer_norm(x, None, weight, bias, 1e-6)
+    assert total is x
+    torch.testing.assert_close(normed, F.layer_norm(x, (16,), weight, bias, 1e-6), rtol=0, atol=0)
+
+
 def test_add_layer_norm_traces_without_graph_break():
     """Off the fused kernel, torch.compile sees plain add + layer_norm (only the fused call is opaque)."""
     import torch._dynamo

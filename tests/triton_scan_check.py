@@ -196,6 +196,36 @@ def check_swiglu(shape, device, dtype=torch.float32, seed=0, tol=1e-5, gate_last
     return ok
 
 
+def check_add_layer_norm(shape, device, branch_dtype=torch.float32, has_branch=True, has_bias=True, amp=False,
+                         seed=0, tol=1e-5):
+    """The fused residual add + LayerNorm (Triton forward, PyTorch's LayerNorm backward) against PyTorch's add and
+    layer_norm: the sum, the normed output (in the autocast dtype under autocast) and every gradient."""
+    from timm_arm import ops
+    g = torch.Generator().manual_seed(seed)
+    cols = shape[-1]
+    residual = torch.randn(*shape, generator=g).to(device).requires_grad_()
+    branch = torch.randn(*shape, generator=g).to(device, branch_dtype).requires_grad_() if has_branch else None
+    weight = (1 + .1 * torch.randn(cols, generator=g)).to(device).requires_grad_()
+    bias = torch.randn(cols, generator=g).to(device).requires_grad_() if has_bias else None
+    probes = [torch.randn(*shape, generator=g).to(device) for _ in range(2)]
+    leaves = [t for t in (residual, branch, weight, bias) if t is not None]
+    results = {}
+    for backend in ('triton', 'torch'):
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=amp):
+            total, normed = ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend=backend)
+        loss = (normed.float() * probes[0]).sum() + ((total * probes[1]).sum() if has_branch else 0.)
+        results[backend] = [total, normed] + list(torch.autograd.grad(loss, leaves))
+    names = ['total', 'normed', 'residual'] + ['branch'] * has_branch + ['weight'] + ['bias'] * has_bias
+    errs = {n: rel_err(a, b) for n, a, b in zip(names, results['triton'], results['torch'])}
+    worst = max(errs, key=errs.get)
+    out_dtype = torch.bfloat16 if amp else torch.float32
+    ok = errs[worst] < tol and results['triton'][1].dtype == out_dtype and all(
+        a.dtype == b.dtype for a, b in zip(results['triton'][2:], results['torch'][2:]))
+    print(f'{"ok  " if ok else "FAIL"} add_layer_norm shape={shape} branch={branch_dtype if has_branch else None} '
+          f'bias={has_bias} autocast={amp} worst={worst} {errs[worst]:.2e}', flush=True)
+    return ok
+
+
 def check_model(device, tol=1e-4):
     """A small ARM classifier (4 directions, class token in the middle) and the 1-direction pretrainer: logits
     and every parameter gradient of the Triton path against the PyTorch path."""
@@ -297,6 +327,10 @@ def main():
         ok &= check_swiglu(shape, device, seed=seed, gate_last=seed == 1)
     ok &= check_swiglu((9, 300), device, seed=5, row_pad=6)
     ok &= check_swiglu((5, 3000), device, dtype=torch.bfloat16, seed=7, tol=BF16_TOL, gate_last=True)
+    ok &= check_add_layer_norm((2, 9, 24), device)
+    ok &= check_add_layer_norm((3, 5, 40), device, branch_dtype=torch.bfloat16, has_bias=False, seed=1)
+    ok &= check_add_layer_norm((7, 33), device, has_branch=False, seed=2)
+    ok &= check_add_layer_norm((4, 768), device, branch_dtype=torch.bfloat16, amp=True, seed=3, tol=BF16_TOL)
     ok &= check_model(device)
     print('ALL OK' if ok else 'FAILURES')
     sys.exit(0 if ok else 1)

@@ -14,8 +14,7 @@ environment variable, then ``'auto'``:
 ``mixer_core`` is the mixer's core (conv, x / dt projections, scan over K directions) for every backend;
 ``selective_scan`` and ``causal_conv1d_silu`` are the single ops in mamba-ssm's channel-first layout;
 ``swiglu`` is the MLP's silu(gate) * value (one Triton kernel wherever the Triton scan runs); ``add_layer_norm``
-is a block's residual add and the LayerNorm after it (one mamba-ssm Triton kernel at inference where mamba-ssm is
-installed and a GPU path runs).
+is a block's residual add and the LayerNorm after it (one Triton kernel forward wherever the Triton scan runs).
 """
 import functools
 import importlib.util
@@ -220,45 +219,28 @@ def swiglu(x: torch.Tensor, gate_last: bool = False, backend: Optional[str] = No
     return F.silu(gate) * value
 
 
-@functools.lru_cache(maxsize=None)
-def _fused_layer_norm():
-    """mamba-ssm's Triton add + LayerNorm (``layer_norm_fn``), or None where mamba-ssm is not installed."""
-    if not _importable('mamba_ssm'):
-        return None
-    try:
-        from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
-    except ImportError:  # pragma: no cover - an install without its compiled extensions
-        return None
-    return layer_norm_fn
-
-
-@torch.compiler.disable  # a Triton autograd node: opaque to torch.compile, like the mixer
-def _fused_add_layer_norm(fused, residual, branch, weight, bias, eps):
-    normed, total = fused(branch, weight, bias, residual=residual, eps=eps, prenorm=True)
-    return total, normed
-
-
 def add_layer_norm(
         residual: torch.Tensor,
-        branch: torch.Tensor,
+        branch: Optional[torch.Tensor],
         weight: torch.Tensor,
         bias: Optional[torch.Tensor],
         eps: float,
         backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(residual + branch, layer_norm(residual + branch)).
+    """(residual + branch, layer_norm(residual + branch)); branch None: (residual, layer_norm(residual)).
 
-    Without gradients, on a GPU path with mamba-ssm installed: one fused Triton kernel (mamba-ssm's
-    ``layer_norm_fn``, as Mamba blocks use it); the sum keeps the residual's dtype (fp32 under autocast, as
-    PyTorch's promotion gives), the normed output comes in the branch's dtype (what the next Linear reads under
-    autocast). Otherwise PyTorch's add and layer_norm. Training keeps PyTorch's ops: with the fused kernel's
-    backward ARM-L trained 5 % slower on an H200 (354 vs 375 img/s, benchmarks/RESULTS.md), inference ran 6 %
-    faster.
+    Where the Triton kernels run (and the sum is fp32, as a residual stream under autocast is): one Triton kernel
+    reads residual and branch once and writes the sum and the normed output, the latter in the autocast dtype
+    when autocast is on (what the next Linear reads: no cast kernel, and no rounding the Linear would not do
+    anyway); the backward is PyTorch's LayerNorm backward. Otherwise, and inside torch.compile (which fuses these
+    itself), PyTorch's add and layer_norm.
     """
-    fused = _fused_layer_norm() if residual.is_cuda else None
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in (residual, branch, weight, bias))
-    if fused is not None and not needs_grad and resolve_backend(residual, backend, op='scan') != 'torch':
-        return _fused_add_layer_norm(fused, residual, branch, weight, bias, eps)
-    total = residual + branch
+    total_dtype = residual.dtype if branch is None else torch.promote_types(residual.dtype, branch.dtype)
+    if (total_dtype == torch.float32 and residual.shape[-1] <= 16384 and not torch.compiler.is_compiling()
+            and resolve_backend(residual, backend, op='scan') == 'triton'):
+        from .triton_scan import add_layer_norm_triton
+        device = residual.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else total_dtype
+        return add_layer_norm_triton(residual, branch, weight, bias, eps, out_dtype)
+    total = residual if branch is None else residual + branch
     return total, F.layer_norm(total, total.shape[-1:], weight, bias, eps)

@@ -33,6 +33,9 @@ Conv: u[k, order[k, t]] = silu(bias_k + sum_j w_kj x[order[k, t - W + 1 + j]]) (
 read straight from the in-projection's output. Its backward writes d(pre-activation) in scan order, then sums,
 for every token, the contributions of all K directions into one dx.
 
+LayerNorm: a block's residual add and LayerNorm as one kernel, the normed output written in the dtype the next
+Linear reads (no cast kernel); PyTorch's LayerNorm backward.
+
 SwiGLU: silu(gate) * value of the two halves of the MLP's one fc1 GEMM output, read in place; one elementwise
 kernel forward, one backward writing both halves' gradients as one tensor.
 """
@@ -59,7 +62,7 @@ if _on_cuda_compiler:
         pass
 
 __all__ = [
-    'swiglu_triton', 'selective_scan_triton', 'selective_scan_tokens', 'causal_conv1d_silu_tokens', 'mixer_core_tokens', 'has_triton', 'ScanConfig',
+    'add_layer_norm_triton', 'swiglu_triton', 'selective_scan_triton', 'selective_scan_tokens', 'causal_conv1d_silu_tokens', 'mixer_core_tokens', 'has_triton', 'ScanConfig',
     'scan_config']
 
 
@@ -686,6 +689,32 @@ if has_triton:
         tl.store(dx_row + value_col, (g * a * s).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _add_layer_norm_fwd(res_ptr, branch_ptr, w_ptr, b_ptr, total_ptr, out_ptr, mean_ptr, rstd_ptr, rows, cols,
+                            eps, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
+        """total = residual + branch (in total's dtype), out = LayerNorm(total) in out's dtype, and the row
+        statistics PyTorch's LayerNorm backward takes (mean, 1 / sqrt(var + eps)); rows of BLOCK_C >= cols."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        mask = (r < rows)[:, None] & (c < cols)[None, :]
+        offs = r.to(tl.int64)[:, None] * cols + c[None, :]
+        x = tl.load(res_ptr + offs, mask=mask, other=0.).to(tl.float32)
+        if HAS_BRANCH:
+            total = (x + tl.load(branch_ptr + offs, mask=mask, other=0.).to(tl.float32)).to(total_ptr.dtype.element_ty)
+            tl.store(total_ptr + offs, total, mask=mask)
+            x = total.to(tl.float32)  # normalise the sum as stored (rounded, if total is not fp32)
+        mean = tl.sum(x, axis=1) / cols
+        xc = tl.where(mask, x - mean[:, None], 0.)
+        rstd = 1. / tl.sqrt(tl.sum(xc * xc, axis=1) / cols + eps)
+        y = xc * rstd[:, None] * tl.load(w_ptr + c, mask=c < cols, other=0.).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + c, mask=c < cols, other=0.).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + r, mean, mask=r < rows)
+        tl.store(rstd_ptr + r, rstd, mask=r < rows)
+
+
 _last_kernels = {}  # the latest compiled kernels, for benchmarks (registers, spills)
 
 
@@ -1138,3 +1167,58 @@ def swiglu_triton(x: torch.Tensor, gate_last: bool = False) -> torch.Tensor:
         return x.new_empty(*lead, width)
     rows = _channels_last(x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x)
     return _SwiGLU.apply(rows, bool(gate_last)).view(*lead, width)
+
+
+LAYER_NORM_MAX_COLS = 16384  # a row lives in one program's registers
+
+
+class _AddLayerNorm(torch.autograd.Function):
+    """(residual + branch, LayerNorm of it) in one pass over memory, the normed output in out_dtype (what the next
+    Linear reads under autocast: no separate cast); PyTorch's LayerNorm backward from the kept statistics."""
+
+    @staticmethod
+    def forward(ctx, residual, branch, weight, bias, eps, out_dtype):
+        cols = residual.shape[-1]
+        res = residual.contiguous()
+        total = torch.empty_like(res, dtype=torch.promote_types(res.dtype, branch.dtype)) if branch is not None \
+            else res
+        out = torch.empty_like(res, dtype=out_dtype)
+        stats = torch.empty((2, *res.shape[:-1], 1), device=res.device, dtype=torch.float32)  # mean, rstd
+        rows = res.numel() // cols
+        block_c = _pow2(cols)
+        block_r = max(1, 4096 // block_c)
+        grid = (triton.cdiv(rows, block_r),)
+        _add_layer_norm_fwd[grid](
+            res, branch.contiguous() if branch is not None else res, weight, bias if bias is not None else weight,
+            total, out, stats[0], stats[1], rows, cols, eps, HAS_BRANCH=branch is not None,
+            HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8 if block_c >= 4096 else 4)
+        ctx.save_for_backward(total, weight, bias, stats)
+        ctx.dtypes = residual.dtype, branch.dtype if branch is not None else None
+        return out if branch is None else (total, out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total, weight, bias, stats = ctx.saved_tensors
+        res_dtype, branch_dtype = ctx.dtypes
+        d_total, d_out = grads if branch_dtype is not None else (None, grads[0])
+        dx = dw = db = None
+        if d_out is not None:
+            mask = [True, ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3]]
+            dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+                d_out.to(total.dtype), total, total.shape[-1:], stats[0], stats[1], weight, bias, mask)
+        if d_total is not None:
+            dx = d_total if dx is None else dx + d_total
+        if dx is None:
+            return None, None, dw, db, None, None
+        d_branch = dx.to(branch_dtype) if branch_dtype is not None and ctx.needs_input_grad[1] else None
+        return dx.to(res_dtype), d_branch, dw, db, None, None
+
+
+@torch.compiler.disable
+def add_layer_norm_triton(residual, branch, weight, bias, eps, out_dtype):
+    """``ops.add_layer_norm`` as one Triton kernel forward (PyTorch's LayerNorm backward); branch may be None
+    (LayerNorm of residual alone). Returns (total, normed)."""
+    if not has_triton:
+        raise RuntimeError('timm_arm: the triton LayerNorm needs triton installed')
+    out = _AddLayerNorm.apply(residual, branch, weight, bias, eps, out_dtype)
+    return (residual, out) if branch is None else out
