@@ -68,7 +68,8 @@ def check_add_layer_norm(rows, shape, amp):
     results = {}
     for backend in ('triton', 'torch'):
         with torch.autocast('cuda', torch.bfloat16, enabled=amp):
-            total, normed = ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend=backend)
+            total, normed = ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend=backend,
+                                               fused_grad=True)
         loss = (normed.float() * probes[0]).sum() + (total * probes[1]).sum()
         results[backend] = [total, normed] + list(torch.autograd.grad(loss, (residual, branch, weight, bias)))
     err = max(rel_err(a, b) for a, b in zip(results['triton'], results['torch']))
@@ -76,6 +77,12 @@ def check_add_layer_norm(rows, shape, amp):
     ok = err < tol and all(a.dtype == b.dtype for i, (a, b) in enumerate(zip(results['triton'], results['torch']))
                            if i != 1)
     rows.append(dict(check=f'add_layer_norm {tuple(shape)} {"bf16 autocast" if amp else "fp32"} (values, grads)',
+                     max_rel_err=err, tol=tol, ok=ok))
+    with torch.no_grad(), torch.autocast('cuda', torch.bfloat16, enabled=amp):  # the default (inference) path
+        fused = ops.add_layer_norm(residual, branch, weight, bias, 1e-5)
+    err = max(rel_err(a, b) for a, b in zip(fused, results['torch'][:2]))
+    ok = err < tol and fused[1].dtype == (torch.bfloat16 if amp else torch.float32)
+    rows.append(dict(check=f'add_layer_norm {tuple(shape)} {"bf16 autocast" if amp else "fp32"} (no grad, default)',
                      max_rel_err=err, tol=tol, ok=ok))
 
 

@@ -219,6 +219,20 @@ def test_layer_norm_without_branch_on_cpu():
     torch.testing.assert_close(normed, F.layer_norm(x, (16,), weight, bias, 1e-6), rtol=0, atol=0)
 
 
+def test_add_layer_norm_takes_the_fused_kernel_only_without_grad(monkeypatch):
+    """With gradients the block's add + LayerNorm stays on PyTorch's ops even on the Triton path (unless
+    fused_grad); without, the Triton path is taken (on CPU tensors: the clear device error shows it was)."""
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    x, branch = torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 3, 8)
+    weight, bias = torch.ones(8), torch.zeros(8)
+    total, normed = ops.add_layer_norm(x, branch, weight, bias, 1e-5, backend='triton')
+    torch.testing.assert_close(normed, F.layer_norm(x + branch, (8,), weight, bias, 1e-5), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match='"triton" needs CUDA tensors'):
+        ops.add_layer_norm(x, branch, weight, bias, 1e-5, backend='triton', fused_grad=True)
+    with torch.no_grad(), pytest.raises(RuntimeError, match='"triton" needs CUDA tensors'):
+        ops.add_layer_norm(x, branch, weight, bias, 1e-5, backend='triton')
+
+
 def test_add_layer_norm_traces_without_graph_break():
     """Off the fused kernel, torch.compile sees plain add + layer_norm (only the fused call is opaque)."""
     import torch._dynamo

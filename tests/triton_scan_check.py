@@ -212,7 +212,8 @@ def check_add_layer_norm(shape, device, branch_dtype=torch.float32, has_branch=T
     results = {}
     for backend in ('triton', 'torch'):
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=amp):
-            total, normed = ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend=backend)
+            total, normed = ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend=backend,
+                                               fused_grad=True)
         loss = (normed.float() * probes[0]).sum() + ((total * probes[1]).sum() if has_branch else 0.)
         results[backend] = [total, normed] + list(torch.autograd.grad(loss, leaves))
     names = ['total', 'normed', 'residual'] + ['branch'] * has_branch + ['weight'] + ['bias'] * has_bias

@@ -226,18 +226,25 @@ def add_layer_norm(
         bias: Optional[torch.Tensor],
         eps: float,
         backend: Optional[str] = None,
+        fused_grad: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(residual + branch, layer_norm(residual + branch)); branch None: (residual, layer_norm(residual)).
+    fused_grad: take the fused kernel with gradients too.
 
-    Where the Triton kernels run (and the sum is fp32, as a residual stream under autocast is): one Triton kernel
-    reads residual and branch once and writes the sum and the normed output, the latter in the autocast dtype
-    when autocast is on (what the next Linear reads: no cast kernel, and no rounding the Linear would not do
-    anyway); the backward is PyTorch's LayerNorm backward. Otherwise, and inside torch.compile (which fuses these
-    itself), PyTorch's add and layer_norm.
+    Without gradients where the Triton kernels run (and the sum is fp32, as a residual stream under autocast is):
+    one Triton kernel reads residual and branch once and writes the sum and the normed output, the latter in the
+    autocast dtype when autocast is on (what the next Linear reads: no cast kernel, and no rounding the Linear
+    would not do anyway). Its autograd path (PyTorch's LayerNorm backward) is tested but not used by default:
+    training steps are partly CPU-bound at ARM-L's size on the H200 host, and the Python autograd node plus a
+    Triton launch cost more host time there than the three ATen ops they replace save on the GPU (ARM-L 3 - 12 %
+    slower per synchronised step, ARM-B 2 % faster; benchmarks/RESULTS.md). Otherwise, and inside torch.compile
+    (which fuses these itself), PyTorch's add and layer_norm.
     """
     total_dtype = residual.dtype if branch is None else torch.promote_types(residual.dtype, branch.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (residual, branch, weight, bias))
     if (total_dtype == torch.float32 and residual.shape[-1] <= 16384 and not torch.compiler.is_compiling()
-            and resolve_backend(residual, backend, op='scan') == 'triton'):
+            and (not needs_grad or fused_grad) and resolve_backend(residual, backend, op='scan') == 'triton'):
         from .triton_scan import add_layer_norm_triton
         device = residual.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else total_dtype
