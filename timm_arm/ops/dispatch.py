@@ -219,6 +219,9 @@ def swiglu(x: torch.Tensor, gate_last: bool = False, backend: Optional[str] = No
     return F.silu(gate) * value
 
 
+_LAYER_NORM_MAX_COLS = 16384  # the fused kernel keeps a row in one program's registers
+
+
 def add_layer_norm(
         residual: torch.Tensor,
         branch: Optional[torch.Tensor],
@@ -243,7 +246,10 @@ def add_layer_norm(
     total_dtype = residual.dtype if branch is None else torch.promote_types(residual.dtype, branch.dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (residual, branch, weight, bias))
-    if (total_dtype == torch.float32 and residual.shape[-1] <= 16384 and not torch.compiler.is_compiling()
+    cols = residual.shape[-1]
+    fits = (0 < cols <= _LAYER_NORM_MAX_COLS and residual.numel() > 0 and weight.shape == (cols,)
+            and (bias is None or bias.shape == (cols,)) and (branch is None or branch.shape == residual.shape))
+    if (total_dtype == torch.float32 and fits and not torch.compiler.is_compiling()
             and (not needs_grad or fused_grad) and resolve_backend(residual, backend, op='scan') == 'triton'):
         from .triton_scan import add_layer_norm_triton
         device = residual.device.type

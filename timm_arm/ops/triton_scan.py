@@ -1169,9 +1169,6 @@ def swiglu_triton(x: torch.Tensor, gate_last: bool = False) -> torch.Tensor:
     return _SwiGLU.apply(rows, bool(gate_last)).view(*lead, width)
 
 
-LAYER_NORM_MAX_COLS = 16384  # a row lives in one program's registers
-
-
 class _AddLayerNorm(torch.autograd.Function):
     """(residual + branch, LayerNorm of it) in one pass over memory, the normed output in out_dtype (what the next
     Linear reads under autocast: no separate cast); PyTorch's LayerNorm backward from the kept statistics."""
