@@ -234,7 +234,7 @@ def add_layer_norm(
     """(residual + branch, layer_norm(residual + branch)); branch None: (residual, layer_norm(residual)).
     fused_grad: take the fused kernel with gradients too.
 
-    Without gradients where the Triton kernels run (and the sum is fp32, as a residual stream under autocast is):
+    Without gradients on the GPU paths (and the sum is fp32, as a residual stream under autocast is):
     one Triton kernel reads residual and branch once and writes the sum and the normed output, the latter in the
     autocast dtype when autocast is on (what the next Linear reads: no cast kernel, and no rounding the Linear
     would not do anyway). Its autograd path (PyTorch's LayerNorm backward) is tested but not used by default:
@@ -250,7 +250,8 @@ def add_layer_norm(
     fits = (0 < cols <= _LAYER_NORM_MAX_COLS and residual.numel() > 0 and weight.shape == (cols,)
             and (bias is None or bias.shape == (cols,)) and (branch is None or branch.shape == residual.shape))
     if (total_dtype == torch.float32 and fits and not torch.compiler.is_compiling()
-            and (not needs_grad or fused_grad) and resolve_backend(residual, backend, op='scan') == 'triton'):
+            and (not needs_grad or fused_grad) and _importable('triton')
+            and resolve_backend(residual, backend, op='scan') != 'torch'):  # both GPU paths
         from .triton_scan import add_layer_norm_triton
         device = residual.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else total_dtype
