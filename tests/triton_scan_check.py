@@ -216,12 +216,16 @@ def check_add_layer_norm(shape, device, branch_dtype=torch.float32, has_branch=T
                                                fused_grad=True)
         loss = (normed.float() * probes[0]).sum() + ((total * probes[1]).sum() if has_branch else 0.)
         results[backend] = [total, normed] + list(torch.autograd.grad(loss, leaves))
+    with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=amp):  # the default
+        results['triton'] += list(ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend='triton'))
+    results['torch'] += results['torch'][:2]  # (inference) path: the launch without an autograd node
     names = ['total', 'normed', 'residual'] + ['branch'] * has_branch + ['weight'] + ['bias'] * has_bias
+    names += ['total (no grad)', 'normed (no grad)']
     errs = {n: rel_err(a, b) for n, a, b in zip(names, results['triton'], results['torch'])}
     worst = max(errs, key=errs.get)
     out_dtype = torch.bfloat16 if amp else torch.float32
-    ok = errs[worst] < tol and results['triton'][1].dtype == out_dtype and all(
-        a.dtype == b.dtype for a, b in zip(results['triton'][2:], results['torch'][2:]))
+    ok = errs[worst] < tol and results['triton'][1].dtype == results['triton'][-1].dtype == out_dtype and all(
+        a.dtype == b.dtype for a, b in zip(results['triton'][2:-2], results['torch'][2:-2]))
     print(f'{"ok  " if ok else "FAIL"} add_layer_norm shape={shape} branch={branch_dtype if has_branch else None} '
           f'bias={has_bias} autocast={amp} worst={worst} {errs[worst]:.2e}', flush=True)
     return ok

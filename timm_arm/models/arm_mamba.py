@@ -263,7 +263,7 @@ class ArmBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, order: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        # norm1, and the first residual add with norm2, as single ops: one Triton kernel each on GPU
+        # norm1, and the first residual add with norm2, as single ops (one Triton kernel each at inference on GPU)
         _, h = add_layer_norm(x, None, self.norm1.weight, self.norm1.bias, self.norm1.eps)
         branch = self.drop_path1(self.mixer(h, order))
         x, h = add_layer_norm(x, branch, self.norm2.weight, self.norm2.bias, self.norm2.eps)

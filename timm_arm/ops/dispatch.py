@@ -255,6 +255,6 @@ def add_layer_norm(
         from .triton_scan import add_layer_norm_triton
         device = residual.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else total_dtype
-        return add_layer_norm_triton(residual, branch, weight, bias, eps, out_dtype)
+        return add_layer_norm_triton(residual, branch, weight, bias, eps, out_dtype, needs_grad)
     total = residual if branch is None else residual + branch
     return total, F.layer_norm(total, total.shape[-1:], weight, bias, eps)

@@ -688,7 +688,6 @@ if has_triton:
         tl.store(dx_row + gate_col, (g * v * s * (1. + a * (1. - s))).to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dx_row + value_col, (g * a * s).to(dx_ptr.dtype.element_ty), mask=mask)
 
-
     @triton.jit
     def _add_layer_norm_fwd(res_ptr, branch_ptr, w_ptr, b_ptr, total_ptr, out_ptr, mean_ptr, rstd_ptr, rows, cols,
                             eps, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -1169,26 +1168,31 @@ def swiglu_triton(x: torch.Tensor, gate_last: bool = False) -> torch.Tensor:
     return _SwiGLU.apply(rows, bool(gate_last)).view(*lead, width)
 
 
+def _add_layer_norm_forward(residual, branch, weight, bias, eps, out_dtype):
+    """Launch the fused kernel: (total, normed output, (2, ..., 1) fp32 mean / rstd). total is residual itself
+    without a branch."""
+    cols = residual.shape[-1]
+    res = residual.contiguous()
+    total = torch.empty_like(res, dtype=torch.promote_types(res.dtype, branch.dtype)) if branch is not None else res
+    out = torch.empty_like(res, dtype=out_dtype)
+    stats = torch.empty((2, *res.shape[:-1], 1), device=res.device, dtype=torch.float32)
+    rows = res.numel() // cols
+    block_c = _pow2(cols)
+    block_r = max(1, 4096 // block_c)
+    _add_layer_norm_fwd[(triton.cdiv(rows, block_r),)](
+        res, branch.contiguous() if branch is not None else res, weight, bias if bias is not None else weight,
+        total, out, stats[0], stats[1], rows, cols, eps, HAS_BRANCH=branch is not None, HAS_BIAS=bias is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8 if block_c >= 4096 else 4)
+    return total, out, stats
+
+
 class _AddLayerNorm(torch.autograd.Function):
     """(residual + branch, LayerNorm of it) in one pass over memory, the normed output in out_dtype (what the next
     Linear reads under autocast: no separate cast); PyTorch's LayerNorm backward from the kept statistics."""
 
     @staticmethod
     def forward(ctx, residual, branch, weight, bias, eps, out_dtype):
-        cols = residual.shape[-1]
-        res = residual.contiguous()
-        total = torch.empty_like(res, dtype=torch.promote_types(res.dtype, branch.dtype)) if branch is not None \
-            else res
-        out = torch.empty_like(res, dtype=out_dtype)
-        stats = torch.empty((2, *res.shape[:-1], 1), device=res.device, dtype=torch.float32)  # mean, rstd
-        rows = res.numel() // cols
-        block_c = _pow2(cols)
-        block_r = max(1, 4096 // block_c)
-        grid = (triton.cdiv(rows, block_r),)
-        _add_layer_norm_fwd[grid](
-            res, branch.contiguous() if branch is not None else res, weight, bias if bias is not None else weight,
-            total, out, stats[0], stats[1], rows, cols, eps, HAS_BRANCH=branch is not None,
-            HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8 if block_c >= 4096 else 4)
+        total, out, stats = _add_layer_norm_forward(residual, branch, weight, bias, eps, out_dtype)
         ctx.save_for_backward(total, weight, bias, stats)
         ctx.dtypes = residual.dtype, branch.dtype if branch is not None else None
         return out if branch is None else (total, out)
@@ -1212,10 +1216,13 @@ class _AddLayerNorm(torch.autograd.Function):
 
 
 @torch.compiler.disable
-def add_layer_norm_triton(residual, branch, weight, bias, eps, out_dtype):
+def add_layer_norm_triton(residual, branch, weight, bias, eps, out_dtype, needs_grad=True):
     """``ops.add_layer_norm`` as one Triton kernel forward (PyTorch's LayerNorm backward); branch may be None
-    (LayerNorm of residual alone). Returns (total, normed)."""
+    (LayerNorm of residual alone). Returns (total, normed). needs_grad False: the launch alone, no autograd node."""
     if not has_triton:
         raise RuntimeError('timm_arm: the triton LayerNorm needs triton installed')
+    if not needs_grad:
+        total, out, _ = _add_layer_norm_forward(residual, branch, weight, bias, eps, out_dtype)
+        return (residual, out) if branch is None else (total, out)
     out = _AddLayerNorm.apply(residual, branch, weight, bias, eps, out_dtype)
     return (residual, out) if branch is None else out
