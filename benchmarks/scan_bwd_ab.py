@@ -7,7 +7,7 @@ For each shape (benchmarks/scan_kernels.SHAPES) it loads ``timm_arm/ops/triton_s
 revision (``git show``, into a temporary module), checks that both give the same gradients (relative to the
 largest reference value: bf16 outputs differ by rounding only), and times both backwards (and forwards) twice,
 alternating, median of CUDA-event timings. --sweep also times this tree's backward over segment lengths and
-register caps (the conv's: over its tiles). Needs a GPU, and the git history of this checkout unless --against
+register caps (the conv's: over its steps per program, channels and warps). Needs a GPU, and the git history of this checkout unless --against
 names a saved copy of the module.
 """
 import argparse
@@ -109,30 +109,28 @@ def compare_conv(shape, other, iters, sweep):
     du = torch.randn(K, batch, seqlen, d, device='cuda', generator=g).to(torch.bfloat16).transpose(0, 1)
     ours = ts._conv_backward(du, x, w, bias, order, inverse)
     theirs = other._conv_backward(du, x, w, bias, order, inverse)
-    row = dict(shape=shape[:5], rel_err=rel_errs(('dx', 'dw', 'dbias'), ours, theirs))
+    ours, theirs = (ts._conv_forward(x, w, bias, order), *ours), (other._conv_forward(x, w, bias, order), *theirs)
+    row = dict(shape=shape[:5], rel_err=rel_errs(('u', 'dx', 'dw', 'dbias'), ours, theirs))
     for rep in range(2):
         row[f'other_bwd_ms_{rep}'] = cuda_median_ms(lambda: other._conv_backward(du, x, w, bias, order, inverse), iters)
         row[f'bwd_ms_{rep}'] = cuda_median_ms(lambda: ts._conv_backward(du, x, w, bias, order, inverse), iters)
         row[f'other_fwd_ms_{rep}'] = cuda_median_ms(lambda: other._conv_forward(x, w, bias, order), iters)
         row[f'fwd_ms_{rep}'] = cuda_median_ms(lambda: ts._conv_forward(x, w, bias, order), iters)
     if sweep:
-        rows, default = [], (ts.CONV_BWD_BLOCK_T, ts.CONV_BWD_BLOCK_D, ts.CONV_BWD_WARPS)
-        for tiles in itertools.product((8, 16, 32), (32, 64, 128), (1, 2, 4)):
-            if 4 * tiles[0] * tiles[1] > 128 * 32 * tiles[2]:  # more than 128 tap values held per thread
-                continue
-            ts.CONV_BWD_BLOCK_T, ts.CONV_BWD_BLOCK_D, ts.CONV_BWD_WARPS = tiles
+        rows, default = [], (ts.CONV_BWD_STEPS, ts.CONV_BWD_BLOCK_D, ts.CONV_BWD_WARPS)
+        for tiles in itertools.product((32, 64, 256), (64, 128, 256), (1, 2)):
+            ts.CONV_BWD_STEPS, ts.CONV_BWD_BLOCK_D, ts.CONV_BWD_WARPS = tiles
             rows.append(dict(ms=cuda_median_ms(lambda: ts._conv_backward(du, x, w, bias, order, inverse), iters),
-                             block_t=tiles[0], block_d=tiles[1], warps=tiles[2]))
-        ts.CONV_BWD_BLOCK_T, ts.CONV_BWD_BLOCK_D, ts.CONV_BWD_WARPS = default
+                             steps=tiles[0], block_d=tiles[1], warps=tiles[2]))
+        ts.CONV_BWD_STEPS, ts.CONV_BWD_BLOCK_D, ts.CONV_BWD_WARPS = default
         row['sweep'] = sorted(rows, key=lambda r: r['ms'])[:8]
-        rows, default = [], (ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS)
-        for tiles in itertools.product((8, 16, 32), (32, 64, 128), (1, 2, 4)):  # forward and dx tiles
-            ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS = tiles
+        rows, default = [], (ts.CONV_STEPS, ts.CONV_BLOCK_D, ts.CONV_WARPS)
+        for tiles in itertools.product((32, 64, 256), (64, 128, 256), (1, 2)):
+            ts.CONV_STEPS, ts.CONV_BLOCK_D, ts.CONV_WARPS = tiles
             rows.append(dict(fwd_ms=cuda_median_ms(lambda: ts._conv_forward(x, w, bias, order), iters),
-                             bwd_ms=cuda_median_ms(lambda: ts._conv_backward(du, x, w, bias, order, inverse), iters),
-                             block_t=tiles[0], block_d=tiles[1], warps=tiles[2]))
-        ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS = default
-        row['sweep_forward'] = sorted(rows, key=lambda r: 2 * r['fwd_ms'] + r['bwd_ms'])[:8]
+                             steps=tiles[0], block_d=tiles[1], warps=tiles[2]))
+        ts.CONV_STEPS, ts.CONV_BLOCK_D, ts.CONV_WARPS = default
+        row['sweep_forward'] = sorted(rows, key=lambda r: r['fwd_ms'])[:8]
     return row
 
 
@@ -168,7 +166,7 @@ def main():
         rows.append(row)
         if args.conv and args.sweep:
             print('  conv backward tiles, fastest first:', row['sweep'][:4], flush=True)
-            print('  conv forward / dx tiles, fastest first (2 forwards + 1 backward):', row['sweep_forward'][:4],
+            print('  conv forward tiles, fastest first:', row['sweep_forward'][:4],
                   flush=True)
         bwd, other_bwd, fwd, other_fwd = (min(row[f'{p}_ms_{r}'] for r in range(2))
                                           for p in ('bwd', 'other_bwd', 'fwd', 'other_fwd'))

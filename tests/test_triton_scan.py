@@ -32,7 +32,7 @@ def _compile_bwd_sm90():
     cfg = ts.scan_config(768, 197, 16)
     assert ts._lane_tile(cfg, 16), 'ARM-B shape no longer uses the lane tile'
     flags = dict(NP=16, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, HAS_ORDER=True, BLOCK_D=cfg.block_d_bwd,
-                 T=cfg.T_bwd, M=cfg.chunks_per_segment, LANE_TILE=True, HAS_STATES=True)
+                 T=cfg.T_bwd, M=cfg.chunks_per_segment, LANE_TILE=True, HAS_STATES=True, ATOMIC=True)
     return compile_sm90(ts._scan_bwd_kernel, flags, cfg.warps_bwd, cfg.max_registers_bwd)
 
 

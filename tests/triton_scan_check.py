@@ -277,8 +277,9 @@ CONV_CASES = [
     # (batch, directions, L, d, width), permuted
     ((1, 1, 1, 3, 4), False),
     ((2, 4, 17, 5, 4), True),
-    ((1, 2, 70, 70, 3), True),  # several token and channel blocks
-    ((2, 1, 33, 4, 4), False),
+    ((1, 2, 70, 70, 3), True),  # two blocks of steps
+    ((1, 4, 140, 200, 4), True),  # several blocks of steps and of channels
+    ((2, 1, 33, 4, 2), False),
 ]
 
 
@@ -325,6 +326,9 @@ def main():
         ok &= check_tokens(shape, True, device, seed=3)
     ok &= check_tokens(SCATTER_CASES[0], True, device, config=IN_KERNEL_STATES, seed=5)
     ok &= check_tokens(SCATTER_CASES[0], True, device, dtype=torch.bfloat16, seed=4, tol=BF16_TOL)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # per-program partials summed in PyTorch instead of atomic sums
+    ok &= check_tokens(SCATTER_CASES[1], True, device, seed=6)
+    torch.use_deterministic_algorithms(False)
     for shape, permute in CONV_CASES:
         ok &= check_conv(shape, permute, device)
     ok &= check_conv((2, 4, 19, 6, 4), True, device, dtype=torch.bfloat16, tol=BF16_TOL)
