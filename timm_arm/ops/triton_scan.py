@@ -1058,8 +1058,8 @@ class _MixerCore(torch.autograd.Function):
 
     Saves xz, the conv output u, the thin x_proj output and the mean for the backward, and recomputes delta
     there (a thin matmul) instead of keeping a second (b, K, L, d) activation per layer. (Recomputing u too, a
-    conv, saves one more such activation: ARM-B 1.00 GiB less training memory for 6 % more time per step on an
-    H200; benchmarks/RESULTS.md.)
+    conv, would save one more: ARM-B 1.6 GiB of training memory for about 3 % more time per step on an H200;
+    benchmarks/RESULTS.md.)
     """
 
     @staticmethod
