@@ -65,7 +65,8 @@ if _on_cuda_compiler:
         pass
 
 __all__ = [
-    'add_layer_norm_triton', 'swiglu_triton', 'selective_scan_triton', 'selective_scan_tokens', 'causal_conv1d_silu_tokens', 'mixer_core_tokens', 'has_triton', 'ScanConfig',
+    'add_layer_norm_triton', 'swiglu_triton', 'selective_scan_triton', 'selective_scan_tokens',
+    'causal_conv1d_silu_tokens', 'mixer_core_tokens', 'has_triton', 'ScanConfig',
     'scan_config']
 
 
@@ -1091,7 +1092,8 @@ class _MixerCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, order, inverse, x_dbl, mean, u = ctx.saved_tensors
+        (xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, order, inverse, x_dbl, mean,
+         u) = ctx.saved_tensors
         dtype, (num_dirs, d_inner, _), rank = xz.dtype, A_log.shape, w_dt.shape[-1]
         batch, seqlen = xz.shape[:2]
         x, z = xz[..., :d_inner], xz[..., d_inner:]
@@ -1156,8 +1158,9 @@ def mixer_core_tokens(
     """The K-direction mixer core on the Triton kernels, token-major (``mixer_core``'s semantics).
 
     xz: (b, L, 2d) in-projection output [x, z], contiguous channels; conv_weight: (K, d, W); conv_bias,
-    dt_proj_bias, D: (K, d); x_proj_weight: (K, R + 2N, d); dt_proj_weight: (K, d, R); A_log: (K, d, N), A = -exp(A_log) taken inside the kernels;
-    order / inverse: (K, L) or None. Returns mean over directions of the scan outputs * silu(z), (b, L, d).
+    dt_proj_bias, D: (K, d); x_proj_weight: (K, R + 2N, d); dt_proj_weight: (K, d, R); A_log: (K, d, N) (A =
+    -exp(A_log) is taken inside the kernels); order / inverse: (K, L) or None. Returns mean over directions of the
+    scan outputs * silu(z), (b, L, d).
     """
     if not has_triton:
         raise RuntimeError('timm_arm: the triton mixer needs triton installed')
