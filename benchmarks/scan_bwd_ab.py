@@ -11,8 +11,9 @@ register caps (the conv's: over its steps per program, channels and warps). Need
 names a saved copy of the module.
 """
 import argparse
-import itertools
 import importlib.util
+import inspect
+import itertools
 import json
 import os
 import subprocess
@@ -70,26 +71,30 @@ def rel_errs(names, ours, theirs):
 def compare(shape, other, iters, sweep, caps=(144, 160, 176, None), segments=(2, 4, 6, 8)):
     t, order = token_inputs(*shape)
     t = {k: v.detach() for k, v in t.items()}
-    args = (t['u'], t['delta'], t['A'].contiguous(), t['B'], t['C'], t['D'], t['delta_bias'], True,
-            order[0].to(torch.int32))
+    # as the mixer calls the kernels (A_log, A = -exp(A_log) taken by the kernels' wrappers) where both trees can:
+    # a variant can cost registers on that path only
+    a_log = all('a_is_log' in inspect.signature(m._scan_backward).parameters for m in (ts, other))
+    A = torch.log(-t['A']).contiguous() if a_log else t['A'].contiguous()
+    kw = dict(a_is_log=True) if a_log else {}
+    args = (t['u'], t['delta'], A, t['B'], t['C'], t['D'], t['delta_bias'], True, order[0].to(torch.int32))
     dy = torch.randn_like(t['u'])
     cfg = ts.scan_config(shape[3], shape[2], shape[4])
     other_cfg = other.scan_config(shape[3], shape[2], shape[4])
-    ours = ts._scan_backward(dy, *args, cfg)
-    theirs = other._scan_backward(dy, *args, other_cfg)
-    row = dict(shape=shape[:5], config=cfg._asdict(), other_config=other_cfg._asdict(),
+    ours = ts._scan_backward(dy, *args, cfg, **kw)
+    theirs = other._scan_backward(dy, *args, other_cfg, **kw)
+    row = dict(shape=shape[:5], config=cfg._asdict(), other_config=other_cfg._asdict(), a_is_log=a_log,
                rel_err=rel_errs(GRADS, ours, theirs))
     for rep in range(2):
-        row[f'other_bwd_ms_{rep}'] = cuda_median_ms(lambda: other._scan_backward(dy, *args, other_cfg), iters)
-        row[f'bwd_ms_{rep}'] = cuda_median_ms(lambda: ts._scan_backward(dy, *args, cfg), iters)
-        row[f'other_fwd_ms_{rep}'] = cuda_median_ms(lambda: other._scan_forward(*args, other_cfg), iters)
-        row[f'fwd_ms_{rep}'] = cuda_median_ms(lambda: ts._scan_forward(*args, cfg), iters)
+        row[f'other_bwd_ms_{rep}'] = cuda_median_ms(lambda: other._scan_backward(dy, *args, other_cfg, **kw), iters)
+        row[f'bwd_ms_{rep}'] = cuda_median_ms(lambda: ts._scan_backward(dy, *args, cfg, **kw), iters)
+        row[f'other_fwd_ms_{rep}'] = cuda_median_ms(lambda: other._scan_forward(*args, other_cfg, **kw), iters)
+        row[f'fwd_ms_{rep}'] = cuda_median_ms(lambda: ts._scan_forward(*args, cfg, **kw), iters)
     if sweep:
         rows = []
         for M in segments:
             for cap in caps:
                 c = cfg._replace(chunks_per_segment=M, max_registers_bwd=cap)
-                ms = cuda_median_ms(lambda: ts._scan_backward(dy, *args, c), iters)
+                ms = cuda_median_ms(lambda: ts._scan_backward(dy, *args, c, **kw), iters)
                 k = ts._last_kernels['scan_bwd']
                 rows.append(dict(ms=ms, chunks_per_segment=M, register_cap=cap, registers=k.n_regs,
                                  spills=k.n_spills))
