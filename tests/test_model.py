@@ -225,7 +225,8 @@ def test_training_step_reduces_loss():
 @pytest.mark.parametrize('dim, seed, gate_last', [(20, 0, False), (1024, 1, False), (36, 2, False), (20, 3, True)])
 def test_aligned_swiglu_equals_timm_glumlp(dim, seed, gate_last):
     # ARM's SwiGLU width dim * 8 // 3 (2730 for ARM-L; 53 for 20; 96 for 36, already aligned) is padded to a
-    # multiple of 8 inside the forward; outputs and every gradient must be timm's GluMlp's
+    # multiple of 8 on GPU paths (the Triton path's fused MLP is checked against GluMlp, padded widths included, in
+    # tests/triton_scan_check.py); outputs and every gradient must be timm's GluMlp's
     from timm.layers import GluMlp
     from timm_arm.models.arm_mamba import AlignedGluMlp
     hidden = int(dim * 4 * 2 / 3)
@@ -246,6 +247,33 @@ def test_aligned_swiglu_equals_timm_glumlp(dim, seed, gate_last):
         assert ours.shape == timms.shape
         torch.testing.assert_close(ours, timms, rtol=1e-5, atol=1e-6)
     assert isinstance(timm.create_model('arm_mamba_large', device='meta').blocks[0].mlp, AlignedGluMlp)
+
+
+def test_wrapped_or_hooked_linears_are_called():
+    # the mixer and the MLP compute their Linears from the weights (one fused op on GPU) only while those are
+    # plain, hook-free nn.Linear modules: a forward hook (feature probes, adapters) must still fire, and a wrapped
+    # module (LoRA-style) must be called, with the same results as the fused path gives without it
+    torch.manual_seed(0)
+    model = ArmMamba(**SMALL, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plain = model(x)
+    seen = []
+    for name in ('blocks.0.mixer.in_proj', 'blocks.0.mixer.out_proj', 'blocks.1.mlp.fc1', 'blocks.1.mlp.fc2'):
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.append(name))
+    hooked = model(x)
+    assert seen == ['blocks.0.mixer.in_proj', 'blocks.0.mixer.out_proj', 'blocks.1.mlp.fc1', 'blocks.1.mlp.fc2']
+    torch.testing.assert_close(hooked, plain)
+
+    class Scaled(torch.nn.Linear):  # a Linear subclass changes what the layer computes
+        def forward(self, t):
+            return 2 * super().forward(t)
+    block = model.blocks[0]
+    scaled = Scaled(block.mlp.fc2.in_features, block.mlp.fc2.out_features)
+    scaled.load_state_dict(block.mlp.fc2.state_dict())
+    h = torch.randn(2, 5, block.mlp.fc1.in_features)
+    expected = 2 * block.mlp(h)
+    block.mlp.fc2 = scaled
+    torch.testing.assert_close(block.mlp(h), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_scan_orders_cached_under_inference_mode_still_train():

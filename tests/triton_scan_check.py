@@ -266,6 +266,74 @@ def check_model(device, tol=1e-4):
     return ok
 
 
+def _grads(fn, x, params, amp, seed):
+    """Output, input gradient and parameter gradients of fn(x) (bf16 autocast where amp)."""
+    for p in params:
+        p.grad = None
+    xi = x.clone().requires_grad_()
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        out = fn(xi)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype))
+    return [out.detach(), xi.grad] + [p.grad for p in params]
+
+
+def _compare(name, ours, ref, names, tol):
+    errs = {n: rel_err(a, b) for n, a, b in zip(names, ours, ref)}
+    worst = max(errs, key=errs.get)
+    same = all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(ours, ref))
+    ok = errs[worst] < tol and same
+    print(f'{"ok  " if ok else "FAIL"} {name} worst={worst} {errs[worst]:.2e} dtypes/shapes '
+          f'{"same" if same else "DIFFER"}', flush=True)
+    return ok
+
+
+def check_fused_mlp(dim, device, gate_last=False, bias=True, amp=False, seed=0, tol=1e-5):
+    """The MLP as one autograd node (fc1, silu(gate) * value, fc2; hidden width padded to a multiple of 8 inside)
+    against timm's GluMlp forward: output, input and every parameter gradient, and their dtypes."""
+    from timm.layers import GluMlp
+    from timm_arm import ops
+    from timm_arm.models.arm_mamba import AlignedGluMlp
+    torch.manual_seed(seed)
+    hidden = int(dim * 4 * 2 / 3)
+    mlp = AlignedGluMlp(dim, 2 * hidden, act_layer=torch.nn.SiLU, gate_last=gate_last, bias=bias).to(device)
+    if bias:
+        with torch.no_grad():
+            mlp.fc1.bias.normal_()
+            mlp.fc2.bias.normal_()
+    x = torch.randn(2, 9, dim, device=device)
+    params = list(mlp.parameters())
+    ops.set_backend('triton')
+    ours = _grads(mlp, x, params, amp, seed + 1)
+    ops.set_backend(None)
+    ref = _grads(lambda t: GluMlp.forward(mlp, t), x, params, amp, seed + 1)
+    names = ['out', 'x'] + [n for n, _ in mlp.named_parameters()]
+    return _compare(f'fused mlp dim={dim} hidden={hidden} gate_last={gate_last} bias={bias} amp={amp}', ours, ref,
+                    names, tol)
+
+
+def check_fused_mixer(num_dirs, device, amp=False, seed=0, tol=1e-5):
+    """The whole mixer as one autograd node (in-projection, core, out-projection) against the projections called as
+    modules around the Triton core (``mixer_core``): output, input and every parameter gradient, their dtypes."""
+    from timm_arm import ops
+    from timm_arm.models.arm_mamba import MultiDirectionMamba, scan_orders
+    torch.manual_seed(seed)
+    m = MultiDirectionMamba(16, num_directions=num_dirs).to(device)
+    with torch.no_grad():  # every direction different
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * .05)
+    has_cls = num_dirs > 1
+    order = scan_orders((4, 5), num_dirs, 10 if has_cls else None, torch.device(device))
+    core = (m.conv_weight, m.conv_bias, m.x_proj_weight, m.dt_proj_weight, m.dt_proj_bias, m.A_log, m.D)
+    x = torch.randn(2, 20 + has_cls, 16, device=device)
+    params = list(m.parameters())
+    ops.set_backend('triton')
+    ours = _grads(lambda t: m(t, order), x, params, amp, seed + 1)
+    ref = _grads(lambda t: m.out_proj(ops.mixer_core(m.in_proj(t), order, *core)), x, params, amp, seed + 1)
+    ops.set_backend(None)
+    names = ['out', 'x'] + [n for n, _ in m.named_parameters()]
+    return _compare(f'fused mixer directions={num_dirs} amp={amp}', ours, ref, names, tol)
+
+
 TOKEN_CASES = [
     # (batch, directions, L, d, N), permuted
     ((1, 1, 1, 3, 4), False),
@@ -340,6 +408,13 @@ def main():
     ok &= check_add_layer_norm((3, 5, 40), device, branch_dtype=torch.bfloat16, has_bias=False, seed=1)
     ok &= check_add_layer_norm((7, 33), device, has_branch=False, seed=2)
     ok &= check_add_layer_norm((4, 768), device, branch_dtype=torch.bfloat16, amp=True, seed=3, tol=BF16_TOL)
+    for seed, (dim, gate_last, bias) in enumerate([(20, False, True), (36, True, True), (24, False, False)]):
+        ok &= check_fused_mlp(dim, device, gate_last, bias, seed=seed)  # hidden 53 (padded), 96, 64
+    ok &= check_fused_mixer(4, device)
+    ok &= check_fused_mixer(1, device, seed=1)
+    if device == 'cuda':  # bf16 autocast: GEMMs in bf16, gradients back in the parameters' fp32
+        ok &= check_fused_mlp(1024, device, amp=True, seed=3, tol=BF16_TOL)  # ARM-L's 2730, padded to 2736
+        ok &= check_fused_mixer(4, device, amp=True, seed=2, tol=1e-3)  # the same bf16 GEMMs and kernels
     ok &= check_model(device)
     print('ALL OK' if ok else 'FAILURES')
     sys.exit(0 if ok else 1)

@@ -22,7 +22,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, GluMlp, PatchEmbed, build_sincos2d_pos_embed, \
@@ -31,10 +30,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from timm_arm.ops import add_layer_norm, mixer_core, swiglu
+from timm_arm.ops import add_layer_norm, mixer, mixer_core, swiglu_mlp
 
 # they dispatch on the tensors' device: leaf calls for FX
-register_notrace_function(swiglu)
+register_notrace_function(swiglu_mlp)
 register_notrace_function(add_layer_norm)
 
 __all__ = ['ArmMamba', 'MultiDirectionMamba', 'ArmBlock', 'scan_orders', 'resample_pos_embed', 'HUB_ORG']
@@ -134,6 +133,13 @@ def orders_for(x: torch.Tensor, height: int, width: int, num_directions: int, ha
     return scan_orders((int(height), int(width)), num_directions, cls_index, x.device)
 
 
+def _plain_linear(module: nn.Module, bias: bool = False) -> bool:
+    """Whether ``module`` is a bias-free (or any, with bias=True) nn.Linear without hooks, which a fused op may
+    compute from its weight instead of calling it (a LoRA wrapper, a quantised Linear or a hook keeps the call)."""
+    return (type(module) is nn.Linear and (bias or module.bias is None)
+            and not (module._forward_hooks or module._forward_pre_hooks))
+
+
 @register_notrace_module
 class MultiDirectionMamba(nn.Module):
     """Mamba-1 mixer over K scan directions sharing in_proj / out_proj.
@@ -196,41 +202,31 @@ class MultiDirectionMamba(nn.Module):
 
     def forward(self, x: torch.Tensor, order: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """x: (B, L, dim) in token order; order: (scan order, inverse) from scan_orders(), None for 1 direction."""
-        y = mixer_core(
-            self.in_proj(x), order, self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight,
-            self.dt_proj_bias, self.A_log, self.D)
-        return self.out_proj(y)
+        core = (self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias,
+                self.A_log, self.D)
+        if _plain_linear(self.in_proj) and _plain_linear(self.out_proj):  # the whole mixer as one op
+            return mixer(x, order, self.in_proj.weight, *core, self.out_proj.weight)
+        return self.out_proj(mixer_core(self.in_proj(x), order, *core))  # projections wrapped or hooked
 
 
 class AlignedGluMlp(GluMlp):
-    """timm's GluMlp, same parameters and results, computed the fast way on GPUs.
+    """timm's GluMlp, same parameters and results, computed the fast way on GPUs (``timm_arm.ops.swiglu_mlp``).
 
     - fc1 stays one GEMM and silu(gate) * value is one fused kernel that reads the GEMM output's two halves in
       place and writes their gradients back as one tensor (timm's version runs SiLU and the product as strided,
-      unvectorised kernels on the halves, and autograd keeps silu(gate) as a third activation);
-    - the hidden width is zero-padded to a multiple of 8: ARM's SwiGLU width dim * 4 * 2 // 3 is 2730 for ARM-L,
-      and rows of 2730 bf16 values are not 16-byte aligned, which sends cuBLAS to slow GEMM kernels (43 % of
-      ARM-L's inference time on an H200). The zero rows / columns add exact zeros.
+      unvectorised kernels on the halves, and autograd keeps silu(gate) as a third activation); where the Triton
+      kernels run, fc1, the product and fc2 are one autograd node;
+    - the hidden width is zero-padded to a multiple of 8 for the GEMMs: ARM's SwiGLU width dim * 4 * 2 // 3 is 2730
+      for ARM-L, and rows of 2730 bf16 values are not 16-byte aligned, which sends cuBLAS to slow GEMM kernels.
+    Any other configuration (activation, norm, dropout in training, wrapped Linears) runs timm's forward.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.chunk_dim != -1 or not isinstance(self.norm, nn.Identity):
+        if (self.chunk_dim != -1 or not isinstance(self.norm, nn.Identity) or type(self.act) is not nn.SiLU
+                or not (_plain_linear(self.fc1, bias=True) and _plain_linear(self.fc2, bias=True))
+                or (self.training and (self.drop1.p > 0 or self.drop2.p > 0))):
             return super().forward(x)
-        hidden = self.fc2.in_features
-        pad = -hidden % 8
-        w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
-        if pad:  # each half of fc1 (and fc2's input) padded to hidden + pad
-            w1 = F.pad(w1.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
-            b1 = F.pad(b1.unflatten(0, (2, hidden)), (0, pad)).flatten() if b1 is not None else None
-            w2 = F.pad(w2, (0, pad))
-        x = F.linear(x, w1, b1)
-        if isinstance(self.act, nn.SiLU):
-            x = swiglu(x, self.gate_last)  # one fused kernel on GPU
-        else:
-            first, second = x.chunk(2, dim=-1)
-            gate, value = (second, first) if self.gate_last else (first, second)
-            x = self.act(gate) * value  # padded columns: act(0) * 0 = 0
-        return self.drop2(F.linear(self.drop1(x), w2, self.fc2.bias))
+        return swiglu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.gate_last)
 
 
 class ArmBlock(nn.Module):

@@ -11,7 +11,9 @@ environment variable, then ``'auto'``:
               are missing or the tensors are not on a GPU
     'torch':  plain PyTorch everywhere
 
-``mixer_core`` is the mixer's core (conv, x / dt projections, scan over K directions) for every backend;
+``mixer`` is a whole K-direction Mamba mixer (in-projection, core, out-projection; one autograd node on the Triton
+path) and ``mixer_core`` its core (conv, x / dt projections, scan over K directions), for every backend;
+``swiglu_mlp`` is a SwiGLU MLP (fc1, silu(gate) * value, fc2; one autograd node on the Triton path);
 ``selective_scan`` and ``causal_conv1d_silu`` are the single ops in mamba-ssm's channel-first layout;
 ``swiglu`` is the MLP's silu(gate) * value (one Triton kernel wherever the Triton scan runs); ``add_layer_norm``
 is a block's residual add and the LayerNorm after it (one Triton kernel forward wherever the Triton scan runs).
@@ -29,8 +31,8 @@ import torch.utils.checkpoint
 from .causal_conv1d import causal_conv1d_silu_cuda, causal_conv1d_silu_torch
 from .selective_scan import selective_scan_cuda_fn, selective_scan_torch
 
-__all__ = ['mixer_core', 'swiglu', 'add_layer_norm', 'selective_scan', 'causal_conv1d_silu', 'set_backend',
-           'get_backend', 'resolve_backend', 'choose_backend', 'has_cuda_kernels']
+__all__ = ['mixer', 'mixer_core', 'swiglu_mlp', 'swiglu', 'add_layer_norm', 'selective_scan', 'causal_conv1d_silu',
+           'set_backend', 'get_backend', 'resolve_backend', 'choose_backend', 'has_cuda_kernels']
 
 _BACKENDS = ('auto', 'cuda', 'torch', 'triton')
 _backend_override: Optional[str] = None
@@ -203,6 +205,63 @@ def mixer_core(
     else:
         y = y.gather(-1, order[1].long().view(1, K, 1, seqlen).expand(batch, K, d, seqlen)).sum(1) / K
     return y.transpose(1, 2) * F.silu(xz[..., d:])
+
+
+def mixer(
+        x: torch.Tensor,
+        order: Optional[Tuple[torch.Tensor, torch.Tensor]],
+        in_proj_weight: torch.Tensor,
+        conv_weight: torch.Tensor,
+        conv_bias: torch.Tensor,
+        x_proj_weight: torch.Tensor,
+        dt_proj_weight: torch.Tensor,
+        dt_proj_bias: torch.Tensor,
+        A_log: torch.Tensor,
+        D: torch.Tensor,
+        out_proj_weight: torch.Tensor,
+        backend: Optional[str] = None,
+) -> torch.Tensor:
+    """A whole K-direction Mamba mixer, x (b, L, dim) -> (b, L, dim): out_proj(mixer_core(in_proj(x))), the
+    projections (2d, dim) and (dim, d) without biases. Where the Triton scan runs, one autograd node (the
+    projections' casts and GEMMs inside it: less host time per layer); else F.linear around ``mixer_core``."""
+    if resolve_backend(x, backend, op='scan') == 'triton':
+        from .triton_scan import mixer_tokens
+        order_, inverse = order if order is not None else (None, None)
+        return mixer_tokens(x, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+                            A_log, D, out_proj_weight, order_, inverse)
+    y = mixer_core(F.linear(x, in_proj_weight), order, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                   dt_proj_bias, A_log, D, backend)
+    return F.linear(y, out_proj_weight)
+
+
+def swiglu_mlp(
+        x: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: Optional[torch.Tensor],
+        fc2_weight: torch.Tensor,
+        fc2_bias: Optional[torch.Tensor],
+        gate_last: bool = False,
+        backend: Optional[str] = None,
+) -> torch.Tensor:
+    """fc2(silu(gate) * value) with [gate; value] = fc1(x), timm GluMlp's split (gate first unless gate_last):
+    fc1_weight (2 H, C), fc2_weight (C_out, H).
+
+    Where the Triton scan runs, one autograd node (two GEMMs and one Triton kernel each way). On GPUs the hidden
+    width is zero-padded to a multiple of 8 for the GEMMs: ARM's width dim * 8 // 3 is 2730 for ARM-L, and rows of
+    2730 bf16 values are not 16-byte aligned, which sends cuBLAS to slow kernels (43 % of ARM-L's inference time on
+    an H200). The zero rows / columns add exact zeros."""
+    hidden = fc2_weight.shape[1]
+    if resolve_backend(x, backend, op='scan') == 'triton':
+        from .triton_scan import swiglu_mlp_triton
+        return swiglu_mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate_last)
+    pad = -hidden % 8 if x.is_cuda else 0
+    if pad:  # each half of fc1 (and fc2's input) padded to hidden + pad
+        fc1_weight = F.pad(fc1_weight.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
+        fc1_bias = F.pad(fc1_bias.unflatten(0, (2, hidden)), (0, pad)).flatten() if fc1_bias is not None else None
+        fc2_weight = F.pad(fc2_weight, (0, pad))
+    first, second = F.linear(x, fc1_weight, fc1_bias).chunk(2, dim=-1)
+    gate, value = (second, first) if gate_last else (first, second)
+    return F.linear(F.silu(gate) * value, fc2_weight, fc2_bias)
 
 
 def swiglu(x: torch.Tensor, gate_last: bool = False, backend: Optional[str] = None) -> torch.Tensor:

@@ -42,8 +42,9 @@ Linear reads (no cast kernel); PyTorch's LayerNorm backward.
 SwiGLU: silu(gate) * value of the two halves of the MLP's one fc1 GEMM output, read in place; one elementwise
 kernel forward, one backward writing both halves' gradients as one tensor.
 """
+import inspect
 import os
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import NamedTuple, Optional
 
 import torch
@@ -760,6 +761,61 @@ if has_triton:
 _last_kernels = {}  # the latest compiled kernels, for benchmarks (registers, spills)
 
 
+def _direct_launch_supported() -> bool:
+    """Whether compiled kernels can be launched through their launcher directly: Triton's CUDA launcher with the
+    calling convention of triton 3.3 - 3.8, ``(gridX, gridY, gridZ, stream, function, metadata, launch metadata,
+    enter hook, exit hook, *every bound argument)``."""
+    if not _on_cuda_compiler:
+        return False
+    try:
+        from triton.backends.nvidia.driver import CudaLauncher
+        names = list(inspect.signature(CudaLauncher.__call__).parameters)
+    except Exception:  # pragma: no cover - another triton layout: Triton's own launch path
+        return False
+    return names[:6] == ['self', 'gridX', 'gridY', 'gridZ', 'stream', 'function']
+
+
+_DIRECT_LAUNCH = _direct_launch_supported()
+_compiled = {}  # (kernel, device, options, argument properties) -> the CompiledKernel Triton chose for them
+
+
+@lru_cache(maxsize=None)
+def _kernel_params(kernel):
+    """(name, default) of every parameter of a @triton.jit function, in order: what its launcher takes."""
+    return tuple((name, p.default) for name, p in inspect.signature(kernel.fn).parameters.items())
+
+
+def _launch(kernel, grid, *args, num_warps: int, maxnreg: Optional[int] = None, **constexprs):
+    """``kernel[grid](*args, num_warps=..., maxnreg=..., **constexprs)``: the first launch with given argument
+    properties goes through Triton (which compiles, or finds the compiled kernel); later ones call that kernel's
+    launcher directly. Triton's own path binds and specialises every argument again at every launch (55 - 75 us
+    of host time per launch on the H200's host, and the mixer makes ten per layer). The key holds everything
+    Triton specialises on: every non-tensor argument's value, each tensor's dtype and 16-byte alignment, the
+    options, the constexprs and the device."""
+    options = {'num_warps': num_warps}
+    if maxnreg is not None:
+        options['maxnreg'] = maxnreg
+    if not _DIRECT_LAUNCH:
+        return kernel[grid](*args, **constexprs, **options)
+    driver = triton.runtime.driver.active
+    device = driver.get_current_device()
+    key = (kernel, device, num_warps, maxnreg, *constexprs.items(),
+           *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args])
+    compiled = _compiled.get(key)
+    if compiled is None:
+        if len(_compiled) > 4096:  # shapes keep changing (e.g. any image size): start over
+            _compiled.clear()
+        compiled = _compiled[key] = kernel[grid](*args, **constexprs, **options)
+        return compiled
+    bound = list(args)
+    for name, default in _kernel_params(kernel)[len(args):]:
+        bound.append(constexprs.get(name, default))
+    grid = tuple(grid) + (1, 1)
+    compiled.run(grid[0], grid[1], grid[2], driver.get_current_stream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *bound)
+    return compiled
+
+
 @lru_cache(maxsize=None)
 def _has_register_cap() -> bool:
     """Whether this triton takes a per-kernel register cap (``maxnreg``; older versions do not)."""
@@ -782,25 +838,58 @@ def _channels_last(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-def _scan_forward(u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanConfig, a_is_log: bool = False):
-    """y (b, K, L, d) view of direction-major memory. a_is_log: A holds A_log (A = -exp(A_log))."""
-    batch, num_dirs, seqlen, d_inner = u.shape
+def _cast(x: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """x in dtype; no call where it already is (a no-op ``Tensor.to`` still costs microseconds of host time, and the
+    mixer and MLP make dozens of them per layer)."""
+    return x if x is None or x.dtype == dtype else x.to(dtype)
+
+
+def _dense(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return x if x is None or x.is_contiguous() else x.contiguous()
+
+
+def _bkl_shape(u: torch.Tensor, batch: Optional[int]):
+    """(b, K, L, d) of u: a (b, K, L, d) tensor, or with ``batch``, a direction-major (K, b L, d) one."""
+    if batch is None:
+        return u.shape
+    return batch, u.shape[0], u.shape[1] // batch, u.shape[2]
+
+
+def _bkl_strides(t: torch.Tensor, batch: Optional[int]):
+    """The (b, K, L, c) strides the kernels take: t's own, or with ``batch``, those of the (b, K, L, c) view of a
+    (K, b L, c) tensor (arithmetic instead of view ops: host time per layer counts at ARM-L's size)."""
+    if batch is None:
+        return t.stride()
+    s_k, s_row, s_c = t.stride()
+    return t.shape[1] // batch * s_row, s_k, s_row, s_c
+
+
+def _scan_forward(u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanConfig, a_is_log: bool = False,
+                  batch: Optional[int] = None):
+    """y, direction-major (K, b, L, d) memory: its (b, K, L, d) view, or with ``batch`` (inputs given as (K, b L, c)
+    tensors) the (K, b L, d) tensor. a_is_log: A holds A_log (A = -exp(A_log))."""
+    batch_, num_dirs, seqlen, d_inner = _bkl_shape(u, batch)
     d_state = A.shape[-1]
-    y = torch.empty((num_dirs, batch, seqlen, d_inner), device=u.device, dtype=u.dtype).transpose(0, 1)
-    grid = (triton.cdiv(d_inner, cfg.block_d_fwd), num_dirs, batch)
-    _last_kernels['scan_fwd'] = _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
-        order if order is not None else A, y,
-        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), seqlen, d_inner, d_state,
+    y = torch.empty((num_dirs, batch_ * seqlen, d_inner), device=u.device, dtype=u.dtype)
+    grid = (triton.cdiv(d_inner, cfg.block_d_fwd), num_dirs, batch_)
+    _last_kernels['scan_fwd'] = _launch(
+        _scan_fwd_kernel, grid, u, delta, A, B, C, D if D is not None else A,
+        delta_bias if delta_bias is not None else A,
+        order if order is not None else A, y, *_bkl_strides(u, batch), *_bkl_strides(delta, batch),
+        *_bkl_strides(B, batch), *_bkl_strides(C, batch), seqlen, d_inner, d_state,
         NP=_pow2(d_state), BLOCK_D=cfg.block_d_fwd, T=cfg.T, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, A_IS_LOG=a_is_log,
         num_warps=cfg.warps_fwd)
-    return y
+    return y if batch is not None else y.view(num_dirs, batch_, seqlen, d_inner).transpose(0, 1)
 
 
-def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanConfig, a_is_log: bool = False):
-    """(du, ddelta, dA, dB, dC, dD, dbias); with a_is_log, A holds A_log and dA is the gradient of A_log."""
-    batch, num_dirs, seqlen, d_inner = u.shape
+def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: ScanConfig, a_is_log: bool = False,
+                   batch: Optional[int] = None):
+    """(du, ddelta, dA, dB, dC, dD, dbias); with a_is_log, A holds A_log and dA is the gradient of A_log. With
+    ``batch``, u, delta, B, C are direction-major (K, b L, c) tensors (dy a (b, K, L, d) view) and du, ddelta, dB, dC
+    come back in that layout; else all are (b, K, L, c)."""
+    batch_in = batch
+    batch, num_dirs, seqlen, d_inner = _bkl_shape(u, batch)
     d_state = A.shape[-1]
     np_ = _pow2(d_state)
     num_blocks = triton.cdiv(d_inner, cfg.block_d_bwd)
@@ -828,23 +917,24 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
     has_states = cfg.states_in_forward_kernel and segment_steps % cfg.T == 0
     if has_states:  # the backward's first pass (a forward sweep) on the forward's wider tiles
         grid = (triton.cdiv(d_inner, cfg.block_d_fwd), num_dirs, batch)
-        _last_kernels['scan_states'] = _scan_fwd_kernel[grid](
-            u, delta, A, B, C, A, delta_bias if delta_bias is not None else A, order if order is not None else A,
-            segments, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), seqlen, d_inner, d_state,
-            NP=np_, BLOCK_D=cfg.block_d_fwd, T=cfg.T, HAS_D=False, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=softplus, HAS_ORDER=order is not None, SEGMENT_CHUNKS=segment_steps // cfg.T,
+        _last_kernels['scan_states'] = _launch(
+            _scan_fwd_kernel, grid, u, delta, A, B, C, A, delta_bias if delta_bias is not None else A,
+            order if order is not None else A, segments, *_bkl_strides(u, batch_in), *_bkl_strides(delta, batch_in),
+            *_bkl_strides(B, batch_in), *_bkl_strides(C, batch_in), seqlen, d_inner, d_state, NP=np_,
+            BLOCK_D=cfg.block_d_fwd, T=cfg.T, HAS_D=False, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+            HAS_ORDER=order is not None, SEGMENT_CHUNKS=segment_steps // cfg.T,
             A_IS_LOG=a_is_log, num_warps=cfg.warps_fwd)
     # the backward kernel takes A itself: computing it from A_log in there took registers it has none to spare for
     # (the kernel ran 28 % slower in an ARM-B training step on an H200)
     if a_is_log:
         A = -torch.exp(A)
     grid = (num_blocks, num_dirs, batch)
-    _last_kernels['scan_bwd'] = _scan_bwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
-        order if order is not None else A, dy, segments, chunk_starts,
-        du, ddelta, dparams, dBC,
-        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), seqlen, d_inner, d_state,
-        NP=np_, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, M=cfg.chunks_per_segment, HAS_D=D is not None,
+    _last_kernels['scan_bwd'] = _launch(
+        _scan_bwd_kernel, grid, u, delta, A, B, C, D if D is not None else A,
+        delta_bias if delta_bias is not None else A, order if order is not None else A, dy, segments, chunk_starts,
+        du, ddelta, dparams, dBC, *_bkl_strides(u, batch_in), *_bkl_strides(delta, batch_in),
+        *_bkl_strides(B, batch_in), *_bkl_strides(C, batch_in), *dy.stride(), seqlen, d_inner, d_state, NP=np_,
+        BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd, M=cfg.chunks_per_segment, HAS_D=D is not None,
         LANE_TILE=_lane_tile(cfg, np_), HAS_STATES=has_states, ATOMIC=atomic,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_ORDER=order is not None, num_warps=cfg.warps_bwd,
         **({'maxnreg': cfg.max_registers_bwd} if cfg.max_registers_bwd and _has_register_cap() else {}))
@@ -852,10 +942,15 @@ def _scan_backward(dy, u, delta, A, B, C, D, delta_bias, softplus, order, cfg: S
     dA = dparams[:kd * d_state].view(A.shape)
     if a_is_log:  # d A / d A_log = A
         dA = dA * A
-    dD = dparams[kd * d_state:kd * (d_state + 1)].view(D.shape).to(D.dtype) if D is not None else None
-    dbias = dparams[kd * (d_state + 1):].view(delta_bias.shape).to(delta_bias.dtype) if delta_bias is not None else None
+    dD = _cast(dparams[kd * d_state:kd * (d_state + 1)].view(D.shape), D.dtype) if D is not None else None
+    dbias = _cast(dparams[kd * (d_state + 1):].view(delta_bias.shape), delta_bias.dtype) if delta_bias is not None \
+        else None
     # one cast for dB and dC (after one reduction over the channel blocks): (K, b, L, [dB | dC]) in B's dtype
-    dBC = (dBC if atomic else dBC.sum(2)).to(B.dtype)
+    dBC = _cast(dBC if atomic else dBC.sum(2), B.dtype)
+    if batch_in is not None:
+        dBC = dBC.view(num_dirs, batch * seqlen, 2 * np_)
+        return (du.view(num_dirs, -1, d_inner), ddelta.view(num_dirs, -1, d_inner), dA, dBC[..., :d_state],
+                dBC[..., np_:np_ + d_state], dD, dbias)
     dB, dC = dBC[..., :d_state].transpose(0, 1), dBC[..., np_:np_ + d_state].transpose(0, 1)
     return du.transpose(0, 1), ddelta.transpose(0, 1), dA, dB, dC, dD, dbias
 
@@ -885,7 +980,7 @@ def _check_order(order: Optional[torch.Tensor], num_dirs: int, seqlen: int, name
     if order.shape != (num_dirs, seqlen):
         raise ValueError(f'selective_scan: {name} must be (directions, L) = {(num_dirs, seqlen)}, got '
                          f'{tuple(order.shape)}')
-    return order.to(torch.int32).contiguous()
+    return _dense(_cast(order, torch.int32))
 
 
 def selective_scan_tokens(
@@ -1017,18 +1112,20 @@ def causal_conv1d_silu_tokens(
     return _ConvTokens.apply(_channels_last(x), weight.contiguous(), bias.contiguous(), order, inverse)
 
 
-def _conv_forward(x, weight, bias, order):
+def _conv_forward(x, weight, bias, order, direction_major: bool = False):
+    """u as a (b, K, L, d) view of direction-major memory, or the (K, b L, d) tensor itself (direction_major)."""
     batch, seqlen, d_inner = x.shape
     num_dirs, _, width = weight.shape
     u = torch.empty((num_dirs, batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(d_inner, CONV_BLOCK_D), triton.cdiv(seqlen, CONV_STEPS), batch * num_dirs)
-    _conv_fwd[grid](x, weight, bias, order if order is not None else weight, u, x.stride(0), x.stride(1),
-                    seqlen, d_inner, num_dirs, W=width, STEPS=CONV_STEPS, BLOCK_D=CONV_BLOCK_D,
-                    HAS_ORDER=order is not None, num_warps=CONV_WARPS)
-    return u.transpose(0, 1)  # (b, K, L, d), direction-major in memory
+    _launch(_conv_fwd, grid, x, weight, bias, order if order is not None else weight, u, x.stride(0), x.stride(1),
+            seqlen, d_inner, num_dirs, W=width, STEPS=CONV_STEPS, BLOCK_D=CONV_BLOCK_D, HAS_ORDER=order is not None,
+            num_warps=CONV_WARPS)
+    return u.view(num_dirs, batch * seqlen, d_inner) if direction_major else u.transpose(0, 1)
 
 
 def _conv_backward(du, x, weight, bias, order, inverse, dx=None):
+    """du: (b, K, L, d), or direction-major (K, b L, d)."""
     batch, seqlen, d_inner = x.shape
     num_dirs, _, width = weight.shape
     t_blocks = triton.cdiv(seqlen, CONV_BWD_STEPS)
@@ -1038,107 +1135,158 @@ def _conv_backward(du, x, weight, bias, order, inverse, dx=None):
     dw = torch.empty((num_dirs * batch, t_blocks, width + 1, d_inner), device=x.device, dtype=f32)
     has_order = order is not None
     grid = (triton.cdiv(d_inner, CONV_BWD_BLOCK_D), t_blocks, batch * num_dirs)
-    _conv_bwd_pre[grid](x, weight, bias, order if has_order else weight, du, dpre, dw,
-                        x.stride(0), x.stride(1), du.stride(0), du.stride(1), du.stride(2),
-                        seqlen, d_inner, num_dirs, W=width, STEPS=CONV_BWD_STEPS, BLOCK_D=CONV_BWD_BLOCK_D,
-                        HAS_ORDER=has_order, num_warps=CONV_BWD_WARPS)
+    du_strides = _bkl_strides(du, batch if du.dim() == 3 else None)
+    _launch(_conv_bwd_pre, grid, x, weight, bias, order if has_order else weight, du, dpre, dw, x.stride(0),
+            x.stride(1), *du_strides[:3], seqlen, d_inner, num_dirs, W=width, STEPS=CONV_BWD_STEPS,
+            BLOCK_D=CONV_BWD_BLOCK_D, HAS_ORDER=has_order, num_warps=CONV_BWD_WARPS)
     if dx is None:
         dx = torch.empty((batch, seqlen, d_inner), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(d_inner, CONV_DX_BLOCK_D), triton.cdiv(seqlen, CONV_DX_BLOCK_T), batch)
-    _conv_bwd_dx[grid](dpre, weight, inverse if has_order else weight, dx, dx.stride(0), dx.stride(1), seqlen,
-                       d_inner, num_dirs,
-                       W=width, BLOCK_T=CONV_DX_BLOCK_T, BLOCK_D=CONV_DX_BLOCK_D, HAS_ORDER=has_order,
-                       num_warps=CONV_DX_WARPS)
+    _launch(_conv_bwd_dx, grid, dpre, weight, inverse if has_order else weight, dx, dx.stride(0), dx.stride(1),
+            seqlen, d_inner, num_dirs, W=width, BLOCK_T=CONV_DX_BLOCK_T, BLOCK_D=CONV_DX_BLOCK_D,
+            HAS_ORDER=has_order, num_warps=CONV_DX_WARPS)
     dw = dw.view(num_dirs, batch, t_blocks, width + 1, d_inner).sum((1, 2))  # (K, W + 1, d)
     return dx, dw[:, :width].transpose(1, 2), dw[:, width]
 
 
-class _MixerCore(torch.autograd.Function):
-    """conv -> x_proj -> dt_proj -> scan of K directions -> mean over directions -> gate by silu(z), as one
-    autograd node taking the in-projection's output xz = [x, z].
+def _core_forward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, order, cfg):
+    """conv -> x_proj -> dt_proj -> scan of K directions -> mean over directions -> gate by silu(z), from the
+    in-projection's output xz = [x, z] (b, L, 2d). Returns (out (b, L, d), the tensors the backward keeps).
 
-    Saves xz, the conv output u, the thin x_proj output and the mean for the backward, and recomputes delta
-    there (a thin matmul) instead of keeping a second (b, K, L, d) activation per layer. (Recomputing u too, a
-    conv, would save one more: ARM-B 1.6 GiB of training memory for about 3 % more time per step on an H200;
-    benchmarks/RESULTS.md.)
+    Keeps the conv output u, the thin x_proj output and the mean for the backward, and recomputes delta there (a
+    thin matmul) instead of keeping a second (b, K, L, d) activation per layer. (Recomputing u too, a conv, would
+    save one more: ARM-B 1.6 GiB of training memory for about 3 % more time per step on an H200;
+    benchmarks/RESULTS.md.) Direction-major activations (K, b L, c): the projections are K plain batched matmuls
+    and the kernels are given strides, not views.
     """
+    dtype, (num_dirs, d_inner, _), rank = xz.dtype, A_log.shape, dt_proj_weight.shape[-1]
+    batch, seqlen = xz.shape[:2]
+    u = _conv_forward(xz[..., :d_inner], conv_weight, conv_bias, order, direction_major=True)
+    w_x, w_dt = _cast(x_proj_weight, dtype), _cast(dt_proj_weight, dtype)  # kept for the backward (small)
+    x_dbl = torch.bmm(u, w_x.transpose(1, 2))  # (K, b L, R + 2N)
+    delta = torch.bmm(x_dbl[..., :rank], w_dt.transpose(1, 2))  # (K, b L, d)
+    B, C = x_dbl[..., rank:].chunk(2, dim=-1)
+    y = _scan_forward(u, delta, A_log, B, C, D, dt_proj_bias, True, order, cfg, a_is_log=True, batch=batch)
+    del delta
+    out = torch.empty((batch, seqlen, d_inner), device=xz.device, dtype=dtype)
+    mean = torch.empty_like(out)
+    grid = (triton.cdiv(d_inner, GATE_BLOCK_D), triton.cdiv(seqlen, GATE_BLOCK_T), batch)
+    _launch(_gate_fwd, grid, y, xz[..., d_inner:], out, mean, xz.stride(0), xz.stride(1), seqlen, d_inner,
+            num_dirs, BLOCK_T=GATE_BLOCK_T, BLOCK_D=GATE_BLOCK_D, num_warps=4)
+    return out, (xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, x_dbl, mean, u)
+
+
+def _core_backward(dout, saved, order, inverse, cfg):
+    """The gradients of ``_core_forward``'s inputs xz, conv weight / bias, x_proj / dt_proj weights (in the
+    activations' dtype), dt bias, A_log, D, from dout (b, L, d) with contiguous channels."""
+    xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, x_dbl, mean, u = saved
+    (num_dirs, d_inner, _), rank = A_log.shape, w_dt.shape[-1]
+    batch, seqlen = xz.shape[:2]
+    dxz = torch.empty_like(xz)
+    dy = torch.empty_like(mean)  # the gradient of each direction's y: dout silu(z) / K
+    grid = (triton.cdiv(d_inner, GATE_BLOCK_D), triton.cdiv(seqlen, GATE_BLOCK_T), batch)
+    _launch(_gate_bwd, grid, dout, mean, xz[..., d_inner:], dy, dxz[..., d_inner:], dout.stride(0),
+            dout.stride(1), xz.stride(0), xz.stride(1), dxz.stride(0), dxz.stride(1), seqlen, d_inner, num_dirs,
+            BLOCK_T=GATE_BLOCK_T, BLOCK_D=GATE_BLOCK_D, num_warps=4)
+
+    dt = x_dbl[..., :rank]
+    delta = torch.bmm(dt, w_dt.transpose(1, 2))
+    B, C = x_dbl[..., rank:].chunk(2, dim=-1)
+    dy = dy.unsqueeze(1).expand(batch, num_dirs, seqlen, d_inner)  # the same for every direction: stride 0
+    du, ddelta, dA_log, dB, dC, dD, dbias = _scan_backward(
+        dy, u, delta, A_log, B, C, D, dt_proj_bias, True, order, cfg, a_is_log=True, batch=batch)
+    del delta
+    d_w_dt = torch.bmm(ddelta.transpose(1, 2), dt)  # (K, d, R)
+    dx_dbl = torch.cat([torch.bmm(ddelta, w_dt), dB, dC], dim=-1)  # (K, b L, R + 2N)
+    del ddelta
+    du.baddbmm_(dx_dbl, w_x)
+    d_w_x = torch.bmm(dx_dbl.transpose(1, 2), u)  # (K, R + 2N, d)
+    del u, dx_dbl
+    _, d_conv_w, d_conv_b = _conv_backward(du, xz[..., :d_inner], conv_weight, conv_bias, order, inverse,
+                                           dxz[..., :d_inner])
+    return (dxz, _cast(d_conv_w, conv_weight.dtype), _cast(d_conv_b, conv_bias.dtype), d_w_x, d_w_dt, dbias,
+            _cast(dA_log, A_log.dtype), dD)
+
+
+class _MixerCore(torch.autograd.Function):
+    """``_core_forward`` as one autograd node taking the in-projection's output xz = [x, z]."""
 
     @staticmethod
     def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, order,
                 inverse, cfg):
-        dtype, (num_dirs, d_inner, _), rank = xz.dtype, A_log.shape, dt_proj_weight.shape[-1]
-        batch, seqlen = xz.shape[:2]
-        x, z = xz[..., :d_inner], xz[..., d_inner:]
-        # direction-major activations (K, b L, c): the projections are K plain batched matmuls, no copies
-        u = _direction_major(_conv_forward(x, conv_weight, conv_bias, order))
-        w_x, w_dt = x_proj_weight.to(dtype), dt_proj_weight.to(dtype)  # kept for the backward (small)
-        x_dbl = torch.bmm(u, w_x.transpose(1, 2))  # (K, b L, R + 2N)
-        delta = torch.bmm(x_dbl[..., :rank], w_dt.transpose(1, 2))  # (K, b L, d)
-        B, C = x_dbl[..., rank:].chunk(2, dim=-1)
-        tokens = partial(_token_view, batch=batch)
-        y = _scan_forward(tokens(u), tokens(delta), A_log, tokens(B), tokens(C), D, dt_proj_bias, True, order, cfg,
-                          a_is_log=True)
-        del delta
-        out = torch.empty((batch, seqlen, d_inner), device=xz.device, dtype=dtype)
-        mean = torch.empty_like(out)
-        grid = (triton.cdiv(d_inner, GATE_BLOCK_D), triton.cdiv(seqlen, GATE_BLOCK_T), batch)
-        _gate_fwd[grid](y, z, out, mean, z.stride(0), z.stride(1), seqlen, d_inner, num_dirs,
-                        BLOCK_T=GATE_BLOCK_T, BLOCK_D=GATE_BLOCK_D, num_warps=4)
-        ctx.save_for_backward(xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, order, inverse, x_dbl,
-                              mean, u)
+        out, saved = _core_forward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+                                   order, cfg)
+        ctx.save_for_backward(order, inverse, *saved)
         ctx.weight_dtypes = x_proj_weight.dtype, dt_proj_weight.dtype
         ctx.cfg = cfg
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        (xz, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, order, inverse, x_dbl, mean,
-         u) = ctx.saved_tensors
-        dtype, (num_dirs, d_inner, _), rank = xz.dtype, A_log.shape, w_dt.shape[-1]
-        batch, seqlen = xz.shape[:2]
-        x, z = xz[..., :d_inner], xz[..., d_inner:]
-        dout = _channels_last(dout)
-        dxz = torch.empty_like(xz)
-        dy = torch.empty_like(mean)  # the gradient of each direction's y: dout silu(z) / K
-        grid = (triton.cdiv(d_inner, GATE_BLOCK_D), triton.cdiv(seqlen, GATE_BLOCK_T), batch)
-        _gate_bwd[grid](dout, mean, z, dy, dxz[..., d_inner:], dout.stride(0), dout.stride(1), z.stride(0),
-                        z.stride(1), dxz.stride(0), dxz.stride(1), seqlen, d_inner, num_dirs,
-                        BLOCK_T=GATE_BLOCK_T, BLOCK_D=GATE_BLOCK_D, num_warps=4)
-
-        dt = x_dbl[..., :rank]
-        delta = torch.bmm(dt, w_dt.transpose(1, 2))
-        B, C = x_dbl[..., rank:].chunk(2, dim=-1)
-        tokens = partial(_token_view, batch=batch)
-        dy = dy.unsqueeze(1).expand(batch, num_dirs, seqlen, d_inner)  # the same for every direction: stride 0
-        du, ddelta, dA_log, dB, dC, dD, dbias = _scan_backward(
-            dy, tokens(u), tokens(delta), A_log, tokens(B), tokens(C), D, dt_proj_bias, True, order, ctx.cfg,
-            a_is_log=True)
-        del delta
-        du, ddelta, dB, dC = (_direction_major(t) for t in (du, ddelta, dB, dC))
-        d_w_dt = torch.bmm(ddelta.transpose(1, 2), dt)  # (K, d, R)
-        dx_dbl = torch.cat([torch.bmm(ddelta, w_dt), dB, dC], dim=-1)  # (K, b L, R + 2N)
-        del ddelta
-        du.baddbmm_(dx_dbl, w_x)
-        d_w_x = torch.bmm(dx_dbl.transpose(1, 2), u)  # (K, R + 2N, d)
-        del u, dx_dbl
-        _, d_conv_w, d_conv_b = _conv_backward(tokens(du), x, conv_weight, conv_bias, order, inverse,
-                                               dxz[..., :d_inner])
+        order, inverse, *saved = ctx.saved_tensors
+        grads = _core_backward(_channels_last(dout), saved, order, inverse, ctx.cfg)
         x_proj_dtype, dt_proj_dtype = ctx.weight_dtypes
-        return (dxz, d_conv_w.to(conv_weight.dtype), d_conv_b.to(conv_bias.dtype), d_w_x.to(x_proj_dtype),
-                d_w_dt.to(dt_proj_dtype), dbias, dA_log.to(A_log.dtype), dD, None, None, None)
+        return (*grads[:3], _cast(grads[3], x_proj_dtype), _cast(grads[4], dt_proj_dtype), *grads[5:], None, None,
+                None)
 
 
-def _direction_major(t: torch.Tensor) -> torch.Tensor:
-    """(b, K, L, c) view of direction-major memory -> (K, b L, c) (a view when the memory is contiguous)."""
-    return t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1])
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear computes in on x: autocast's where it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _token_view(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """(K, b L, c) -> the (b, K, L, c) view the kernels take."""
-    return t.view(t.shape[0], batch, -1, t.shape[-1]).transpose(0, 1)
+class _Mixer(torch.autograd.Function):
+    """The whole mixer, in-projection -> ``_core_forward`` -> out-projection, as one autograd node (as mamba-ssm's
+    ``mamba_inner_fn``): the two projections' weight casts, GEMMs and gradients cost no autograd nodes of their own,
+    which is host time per layer where the step is partly host-bound (ARM-L on the H200's host). Same dtypes as
+    nn.Linear under autocast: the GEMMs in the autocast dtype, the gradients in the inputs' and weights' own."""
+
+    @staticmethod
+    def forward(ctx, x, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log,
+                D, out_proj_weight, order, inverse, cfg):
+        dtype = _compute_dtype(x)
+        batch, seqlen, dim = x.shape
+        x2 = _cast(x.reshape(batch * seqlen, dim), dtype)
+        w_in, w_out = _cast(in_proj_weight, dtype), _cast(out_proj_weight, dtype)
+        xz = torch.mm(x2, w_in.t()).view(batch, seqlen, -1)
+        out, saved = _core_forward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+                                   order, cfg)
+        y = torch.mm(out.view(batch * seqlen, -1), w_out.t())
+        ctx.save_for_backward(x2, w_in, w_out, out, order, inverse, *saved)
+        ctx.dtypes = x.dtype, in_proj_weight.dtype, x_proj_weight.dtype, dt_proj_weight.dtype, out_proj_weight.dtype
+        ctx.cfg = cfg
+        return y.view(batch, seqlen, -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w_in, w_out, out, order, inverse, *saved = ctx.saved_tensors
+        x_dtype, in_dtype, x_proj_dtype, dt_proj_dtype, out_dtype = ctx.dtypes
+        batch, seqlen, dim = dy.shape
+        dy2 = _cast(dy.reshape(batch * seqlen, dim), w_out.dtype)
+        d_w_out = _cast(torch.mm(dy2.t(), out.view(batch * seqlen, -1)), out_dtype)
+        dout = torch.mm(dy2, w_out).view(batch, seqlen, -1)
+        dxz, *grads = _core_backward(dout, saved, order, inverse, ctx.cfg)
+        dxz = dxz.view(batch * seqlen, -1)
+        dx = _cast(torch.mm(dxz, w_in).view(batch, seqlen, dim), x_dtype) if ctx.needs_input_grad[0] else None
+        d_w_in = _cast(torch.mm(dxz.t(), x2), in_dtype)
+        return (dx, d_w_in, *grads[:2], _cast(grads[2], x_proj_dtype), _cast(grads[3], dt_proj_dtype), *grads[4:],
+                d_w_out, None, None, None)
 
 
 GATE_BLOCK_T, GATE_BLOCK_D = 16, 128
+
+
+def _check_mixer(xz_width, conv_weight, x_proj_weight, dt_proj_weight, A_log, order, inverse, seqlen):
+    num_dirs, d_inner, d_state = A_log.shape
+    if xz_width != 2 * d_inner or conv_weight.shape[:2] != (num_dirs, d_inner) or x_proj_weight.shape[1:] != (
+            dt_proj_weight.shape[-1] + 2 * d_state, d_inner):
+        raise ValueError(f'mixer: in-projection width {xz_width}, conv_weight {tuple(conv_weight.shape)}, '
+                         f'x_proj_weight {tuple(x_proj_weight.shape)} do not fit A_log {tuple(A_log.shape)}')
+    if (order is None) != (inverse is None):
+        raise ValueError('mixer: order and inverse go together')
+    _check_width(conv_weight.shape[-1])
+    return _check_order(order, num_dirs, seqlen), _check_order(inverse, num_dirs, seqlen, 'inverse')
 
 
 @torch.compiler.disable  # Triton launches and their autograd node stay opaque to torch.compile (a graph break)
@@ -1164,24 +1312,66 @@ def mixer_core_tokens(
     """
     if not has_triton:
         raise RuntimeError('timm_arm: the triton mixer needs triton installed')
-    batch, seqlen, two_d = xz.shape
-    num_dirs, d_inner, d_state = A_log.shape
-    if two_d != 2 * d_inner or conv_weight.shape[:2] != (num_dirs, d_inner) or x_proj_weight.shape[1:] != (
-            dt_proj_weight.shape[-1] + 2 * d_state, d_inner):
-        raise ValueError(f'mixer: xz {tuple(xz.shape)}, conv_weight {tuple(conv_weight.shape)}, x_proj_weight '
-                         f'{tuple(x_proj_weight.shape)} do not fit A_log {tuple(A_log.shape)}')
-    if (order is None) != (inverse is None):
-        raise ValueError('mixer: order and inverse go together')
-    _check_width(conv_weight.shape[-1])
-    order = _check_order(order, num_dirs, seqlen)
-    inverse = _check_order(inverse, num_dirs, seqlen, 'inverse')
-    cfg = config or scan_config(d_inner, seqlen, d_state)
+    order, inverse = _check_mixer(xz.shape[-1], conv_weight, x_proj_weight, dt_proj_weight, A_log, order, inverse,
+                                  xz.shape[1])
+    cfg = config or scan_config(A_log.shape[1], xz.shape[1], A_log.shape[2])
     return _MixerCore.apply(
-        _channels_last(xz), conv_weight.contiguous(), conv_bias.contiguous(), x_proj_weight, dt_proj_weight,
-        dt_proj_bias.contiguous(), A_log.float().contiguous(), D.contiguous(), order, inverse, cfg)
+        _channels_last(xz), _dense(conv_weight), _dense(conv_bias), x_proj_weight, dt_proj_weight,
+        _dense(dt_proj_bias), _dense(_cast(A_log, torch.float32)), _dense(D), order, inverse, cfg)
+
+
+@torch.compiler.disable
+def mixer_tokens(
+        x: torch.Tensor,
+        in_proj_weight: torch.Tensor,
+        conv_weight: torch.Tensor,
+        conv_bias: torch.Tensor,
+        x_proj_weight: torch.Tensor,
+        dt_proj_weight: torch.Tensor,
+        dt_proj_bias: torch.Tensor,
+        A_log: torch.Tensor,
+        D: torch.Tensor,
+        out_proj_weight: torch.Tensor,
+        order: Optional[torch.Tensor] = None,
+        inverse: Optional[torch.Tensor] = None,
+        config: Optional[ScanConfig] = None,
+) -> torch.Tensor:
+    """The whole K-direction mixer on the Triton kernels as one autograd node: out_proj(core(in_proj(x))), x (b, L,
+    dim); in_proj_weight (2d, dim) and out_proj_weight (dim, d) without biases; the rest as ``mixer_core_tokens``."""
+    if not has_triton:
+        raise RuntimeError('timm_arm: the triton mixer needs triton installed')
+    if x.dim() != 3 or in_proj_weight.shape[1] != x.shape[-1] or out_proj_weight.shape[1] != A_log.shape[1]:
+        raise ValueError(f'mixer: x {tuple(x.shape)}, in_proj_weight {tuple(in_proj_weight.shape)}, out_proj_weight '
+                         f'{tuple(out_proj_weight.shape)} do not fit A_log {tuple(A_log.shape)}')
+    order, inverse = _check_mixer(in_proj_weight.shape[0], conv_weight, x_proj_weight, dt_proj_weight, A_log, order,
+                                  inverse, x.shape[1])
+    cfg = config or scan_config(A_log.shape[1], x.shape[1], A_log.shape[2])
+    return _Mixer.apply(
+        x, in_proj_weight, _dense(conv_weight), _dense(conv_bias), x_proj_weight, dt_proj_weight,
+        _dense(dt_proj_bias), _dense(_cast(A_log, torch.float32)), _dense(D), out_proj_weight, order, inverse, cfg)
 
 
 SWIGLU_BLOCK_R, SWIGLU_BLOCK_C = 8, 256
+
+
+def _swiglu_launch(x: torch.Tensor, gate_last: bool) -> torch.Tensor:
+    rows, width = x.shape[0], x.shape[1] // 2
+    out = torch.empty((rows, width), device=x.device, dtype=x.dtype)
+    gate_col, value_col = (width, 0) if gate_last else (0, width)
+    grid = (triton.cdiv(width, SWIGLU_BLOCK_C), triton.cdiv(rows, SWIGLU_BLOCK_R))
+    _launch(_swiglu_fwd, grid, x, out, rows, width, x.stride(0), gate_col, value_col, BLOCK_R=SWIGLU_BLOCK_R,
+            BLOCK_C=SWIGLU_BLOCK_C, num_warps=4)
+    return out
+
+
+def _swiglu_grad(x: torch.Tensor, dout: torch.Tensor, gate_last: bool) -> torch.Tensor:
+    rows, width = dout.shape
+    dx = torch.empty((rows, 2 * width), device=x.device, dtype=x.dtype)
+    gate_col, value_col = (width, 0) if gate_last else (0, width)
+    grid = (triton.cdiv(width, SWIGLU_BLOCK_C), triton.cdiv(rows, SWIGLU_BLOCK_R))
+    _launch(_swiglu_bwd, grid, x, dout, dx, rows, width, x.stride(0), dout.stride(0), gate_col, value_col,
+            BLOCK_R=SWIGLU_BLOCK_R, BLOCK_C=SWIGLU_BLOCK_C, num_warps=4)
+    return dx
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -1190,26 +1380,14 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_last):
-        rows, width = x.shape[0], x.shape[1] // 2
-        out = torch.empty((rows, width), device=x.device, dtype=x.dtype)
-        gate_col, value_col = (width, 0) if gate_last else (0, width)
-        grid = (triton.cdiv(width, SWIGLU_BLOCK_C), triton.cdiv(rows, SWIGLU_BLOCK_R))
-        _swiglu_fwd[grid](x, out, rows, width, x.stride(0), gate_col, value_col,
-                          BLOCK_R=SWIGLU_BLOCK_R, BLOCK_C=SWIGLU_BLOCK_C, num_warps=4)
         ctx.save_for_backward(x)
-        ctx.cols = gate_col, value_col
-        return out
+        ctx.gate_last = gate_last
+        return _swiglu_launch(x, gate_last)
 
     @staticmethod
     def backward(ctx, dout):
         x, = ctx.saved_tensors
-        rows, width = dout.shape
-        dout = _channels_last(dout)
-        dx = torch.empty((rows, 2 * width), device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(width, SWIGLU_BLOCK_C), triton.cdiv(rows, SWIGLU_BLOCK_R))
-        _swiglu_bwd[grid](x, dout, dx, rows, width, x.stride(0), dout.stride(0), *ctx.cols,
-                          BLOCK_R=SWIGLU_BLOCK_R, BLOCK_C=SWIGLU_BLOCK_C, num_warps=4)
-        return dx, None
+        return _swiglu_grad(x, _channels_last(dout), ctx.gate_last), None
 
 
 @torch.compiler.disable
@@ -1227,6 +1405,92 @@ def swiglu_triton(x: torch.Tensor, gate_last: bool = False) -> torch.Tensor:
     return _SwiGLU.apply(rows, bool(gate_last)).view(*lead, width)
 
 
+def _pad_rows(w: Optional[torch.Tensor], parts: int, rows: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """w (parts * r, ...) cast to dtype, each of its ``parts`` blocks of rows zero-padded to ``rows``."""
+    if w is None:
+        return None
+    w = _cast(w, dtype)
+    pad = rows - w.shape[0] // parts
+    if pad == 0:
+        return w
+    w = w.unflatten(0, (parts, -1))
+    return torch.nn.functional.pad(w, (0, 0) * (w.dim() - 2) + (0, pad)).flatten(0, 1)
+
+
+def _unpad_rows(g: Optional[torch.Tensor], parts: int, rows: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The inverse of ``_pad_rows`` for a gradient: (parts * rows_padded, ...) -> (parts * rows, ...) in dtype."""
+    if g is None:
+        return None
+    if g.shape[0] != parts * rows:
+        return g.unflatten(0, (parts, -1))[:, :rows].to(dtype, memory_format=torch.contiguous_format).flatten(0, 1)
+    return _cast(g, dtype)
+
+
+class _SwiGLUMlp(torch.autograd.Function):
+    """fc2(silu(gate) * value) of fc1's two halves as one autograd node: two GEMMs and one elementwise kernel each
+    way, with no separate autograd nodes (host time) for the weight casts, the GEMMs or the padding.
+
+    The hidden width is zero-padded to a multiple of 8 inside (fc1's halves' rows, fc2's columns): rows of 2730
+    bf16 values (ARM-L's width) are not 16-byte aligned and send cuBLAS to slow kernels. The padded columns of
+    the hidden activation are silu(0) * 0 = 0, so results are those of the unpadded MLP; the weights' gradients are
+    returned unpadded. Dtypes as nn.Linear under autocast."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, gate_last):
+        dtype = _compute_dtype(x)
+        hidden = w2.shape[1]
+        padded = hidden + (-hidden % 8)
+        x2 = _cast(x.reshape(-1, x.shape[-1]), dtype)
+        w1c, b1c = _pad_rows(w1, 2, padded, dtype), _pad_rows(b1, 2, padded, dtype)
+        w2c = _cast(w2, dtype)
+        if padded != hidden:
+            w2c = torch.nn.functional.pad(w2c, (0, padded - hidden))
+        a = torch.addmm(b1c, x2, w1c.t()) if b1c is not None else torch.mm(x2, w1c.t())
+        h = _swiglu_launch(a, gate_last)
+        y = torch.addmm(_cast(b2, dtype), h, w2c.t()) if b2 is not None else torch.mm(h, w2c.t())
+        ctx.save_for_backward(x2, w1c, a, h, w2c)
+        ctx.meta = x.dtype, w1.dtype, b1.dtype if b1 is not None else None, w2.dtype, \
+            b2.dtype if b2 is not None else None, hidden, gate_last
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w1c, a, h, w2c = ctx.saved_tensors
+        x_dtype, w1_dtype, b1_dtype, w2_dtype, b2_dtype, hidden, gate_last = ctx.meta
+        lead = dy.shape[:-1]
+        dy2 = _cast(dy.reshape(-1, dy.shape[-1]), h.dtype)
+        d_w2 = torch.mm(dy2.t(), h)
+        d_w2 = _cast(d_w2, w2_dtype) if d_w2.shape[1] == hidden else \
+            d_w2[:, :hidden].to(w2_dtype, memory_format=torch.contiguous_format)
+        d_b2 = _cast(dy2.sum(0), b2_dtype) if b2_dtype is not None else None
+        da = _swiglu_grad(a, torch.mm(dy2, w2c), gate_last)
+        del a, h
+        d_w1 = _unpad_rows(torch.mm(da.t(), x2), 2, hidden, w1_dtype)
+        d_b1 = _unpad_rows(da.sum(0), 2, hidden, b1_dtype) if b1_dtype is not None else None
+        dx = _cast(torch.mm(da, w1c).view(*lead, -1), x_dtype) if ctx.needs_input_grad[0] else None
+        return dx, d_w1, d_b1, d_w2, d_b2, None
+
+
+@torch.compiler.disable
+def swiglu_mlp_triton(
+        x: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: Optional[torch.Tensor],
+        fc2_weight: torch.Tensor,
+        fc2_bias: Optional[torch.Tensor],
+        gate_last: bool = False,
+) -> torch.Tensor:
+    """fc2(silu(gate) * value) with [gate; value] = fc1(x) (timm GluMlp's halves: gate first unless gate_last) as
+    one autograd node: fc1_weight (2 H, C), fc2_weight (C_out, H)."""
+    if not has_triton:
+        raise RuntimeError('timm_arm: the triton SwiGLU needs triton installed')
+    hidden = fc2_weight.shape[1]
+    if fc1_weight.shape != (2 * hidden, x.shape[-1]) or (fc1_bias is not None and fc1_bias.shape != (2 * hidden,)):
+        raise ValueError(f'swiglu_mlp: fc1 weight {tuple(fc1_weight.shape)} does not map x {tuple(x.shape)} to the '
+                         f'2 x {hidden} gate and value halves fc2 weight {tuple(fc2_weight.shape)} takes')
+    return _SwiGLUMlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bool(gate_last))
+
+
 def _add_layer_norm_forward(residual, branch, weight, bias, eps, out_dtype):
     """Launch the fused kernel: (total, normed output, (2, ..., 1) fp32 mean / rstd). total is residual itself
     without a branch."""
@@ -1238,8 +1502,9 @@ def _add_layer_norm_forward(residual, branch, weight, bias, eps, out_dtype):
     rows = res.numel() // cols
     block_c = _pow2(cols)
     block_r = max(1, 4096 // block_c)
-    _add_layer_norm_fwd[(triton.cdiv(rows, block_r),)](
-        res, branch.contiguous() if branch is not None else res, weight, bias if bias is not None else weight,
+    _launch(
+        _add_layer_norm_fwd, (triton.cdiv(rows, block_r),), res, branch.contiguous() if branch is not None else res,
+        weight, bias if bias is not None else weight,
         total, out, stats[0], stats[1], rows, cols, eps, HAS_BRANCH=branch is not None, HAS_BIAS=bias is not None,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8 if block_c >= 4096 else 4)
     return total, out, stats
