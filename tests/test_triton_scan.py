@@ -73,3 +73,23 @@ def test_triton_conv_rejects_widths_above_four():
         mixer_core_tokens(torch.randn(1, 6, 2 * d), torch.randn(K, d, 6), torch.randn(K, d),
                           torch.randn(K, R + 2 * N, d), torch.randn(K, d, R), torch.randn(K, d), -torch.rand(K, d, N),
                           torch.randn(K, d))
+
+
+def test_fused_mixer_and_mlp_reject_mismatched_shapes():
+    """The one-node mixer and MLP check their weights against the input before any GEMM or launch."""
+    import torch
+    from timm_arm.ops.triton_scan import mixer_tokens, swiglu_mlp_triton
+    K, d, N, R, dim = 2, 8, 4, 2, 6
+    core = (torch.randn(K, d, 4), torch.randn(K, d), torch.randn(K, R + 2 * N, d), torch.randn(K, d, R),
+            torch.randn(K, d), -torch.rand(K, d, N), torch.randn(K, d))
+    x = torch.randn(1, 5, dim)
+    with pytest.raises(ValueError, match=r'in_proj_weight \(16, 7\)'):
+        mixer_tokens(x, torch.randn(2 * d, dim + 1), *core, torch.randn(dim, d))
+    with pytest.raises(ValueError, match=r'in-projection width 14'):
+        mixer_tokens(x, torch.randn(2 * d - 2, dim), *core, torch.randn(dim, d))
+    with pytest.raises(ValueError, match=r'out_proj_weight \(6, 9\)'):
+        mixer_tokens(x, torch.randn(2 * d, dim), *core, torch.randn(dim, d + 1))
+    with pytest.raises(ValueError, match=r'fc1 weight \(10, 6\)'):
+        swiglu_mlp_triton(x, torch.randn(10, dim), None, torch.randn(dim, 4), None)
+    with pytest.raises(ValueError, match=r'fc1 weight \(8, 6\)'):
+        swiglu_mlp_triton(x, torch.randn(8, dim), torch.randn(7), torch.randn(dim, 4), None)
