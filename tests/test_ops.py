@@ -172,16 +172,19 @@ def test_triton_backend_on_cpu_only_under_the_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize('gate_last', [False, True])
-def test_swiglu_dispatch_on_cpu(monkeypatch, gate_last):
+def test_swiglu_mlp_dispatch_on_cpu(monkeypatch, gate_last):
+    # the PyTorch path: fc2(silu(gate) * value) of fc1's halves, exactly; the Triton path asked for on CPU tensors
+    # is a clear error
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 3, 74, generator=gen)
-    gate, value = (x[..., 37:], x[..., :37]) if gate_last else (x[..., :37], x[..., 37:])
-    torch.testing.assert_close(ops.swiglu(x, gate_last), torch.nn.functional.silu(gate) * value, rtol=0, atol=0)
-    with pytest.raises(ValueError, match='odd size 5'):
-        ops.swiglu(torch.randn(2, 5))
+    x, w1, b1 = torch.randn(4, 3, 6, generator=gen), torch.randn(74, 6, generator=gen), torch.randn(74, generator=gen)
+    w2, b2 = torch.randn(5, 37, generator=gen), torch.randn(5, generator=gen)
+    h = torch.nn.functional.linear(x, w1, b1)
+    gate, value = (h[..., 37:], h[..., :37]) if gate_last else (h[..., :37], h[..., 37:])
+    expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * value, w2, b2)
+    torch.testing.assert_close(ops.swiglu_mlp(x, w1, b1, w2, b2, gate_last), expected, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match='"triton" needs CUDA tensors'):
-        ops.swiglu(x, backend='triton')
+        ops.swiglu_mlp(x, w1, b1, w2, b2, backend='triton')
 
 
 @pytest.mark.parametrize('branch_dtype', [torch.float32, torch.bfloat16])

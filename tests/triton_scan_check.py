@@ -172,19 +172,17 @@ def check_conv(shape, permute, device, dtype=torch.float32, seed=0, tol=1e-5):
 
 
 def check_swiglu(shape, device, dtype=torch.float32, seed=0, tol=1e-5, gate_last=False, row_pad=0):
-    """The fused silu(gate) * value on the halves of x (..., 2 H), rows optionally padded (a strided view): output
-    and the gradient of x against PyTorch's ops in fp32."""
-    from timm_arm.ops.triton_scan import swiglu_triton
+    """The fused MLP's silu(gate) * value kernels on the halves of x (rows, 2 H), rows optionally padded (a strided
+    view): output and the gradient of x (both halves, one tensor) against PyTorch's ops in fp32."""
+    from timm_arm.ops.triton_scan import _swiglu_grad, _swiglu_launch
     g = torch.Generator().manual_seed(seed)
-    *lead, width = shape
-    full = torch.randn(*lead, 2 * width + row_pad, generator=g).mul(3).to(device, dtype)
-    dout = torch.randn(*lead, width, generator=g).to(device, dtype)
-    x = full[..., :2 * width].requires_grad_() if not row_pad else full.requires_grad_()[..., :2 * width]
-    leaf = full if row_pad else x
-    out = swiglu_triton(x, gate_last)
-    grad, = torch.autograd.grad(out, leaf, dout)
-    xr = leaf.detach().float().requires_grad_()
-    first, second = xr[..., :2 * width].chunk(2, dim=-1)
+    rows, width = shape
+    full = torch.randn(rows, 2 * width + row_pad, generator=g).mul(3).to(device, dtype)
+    dout = torch.randn(rows, width, generator=g).to(device, dtype)
+    x = full[:, :2 * width]
+    out, grad = _swiglu_launch(x, gate_last), _swiglu_grad(x, dout, gate_last)
+    xr = x.detach().float().requires_grad_()
+    first, second = xr.chunk(2, dim=-1)
     gate, value = (second, first) if gate_last else (first, second)
     ref = torch.nn.functional.silu(gate) * value
     ref_grad, = torch.autograd.grad(ref, xr, dout.float())
@@ -404,7 +402,7 @@ def main():
     for shape, permute in CONV_CASES:
         ok &= check_conv(shape, permute, device)
     ok &= check_conv((2, 4, 19, 6, 4), True, device, dtype=torch.bfloat16, tol=BF16_TOL)
-    for seed, shape in enumerate([(3, 7, 53), (2, 4100), (1, 1)]):
+    for seed, shape in enumerate([(21, 53), (2, 4100), (1, 1)]):
         ok &= check_swiglu(shape, device, seed=seed, gate_last=seed == 1)
     ok &= check_swiglu((9, 300), device, seed=5, row_pad=6)
     ok &= check_swiglu((5, 3000), device, dtype=torch.bfloat16, seed=7, tol=BF16_TOL, gate_last=True)

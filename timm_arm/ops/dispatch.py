@@ -13,10 +13,10 @@ environment variable, then ``'auto'``:
 
 ``mixer`` is a whole K-direction Mamba mixer (in-projection, core, out-projection; one autograd node on the Triton
 path) and ``mixer_core`` its core (conv, x / dt projections, scan over K directions), for every backend;
-``swiglu_mlp`` is a SwiGLU MLP (fc1, silu(gate) * value, fc2; one autograd node on the Triton path);
-``selective_scan`` and ``causal_conv1d_silu`` are the single ops in mamba-ssm's channel-first layout;
-``swiglu`` is the MLP's silu(gate) * value (one Triton kernel wherever the Triton scan runs); ``add_layer_norm``
-is a block's residual add and the LayerNorm after it (one Triton kernel forward wherever the Triton scan runs).
+``swiglu_mlp`` is a SwiGLU MLP (fc1, silu(gate) * value as one Triton kernel, fc2; one autograd node on the Triton
+path); ``selective_scan`` and ``causal_conv1d_silu`` are the single ops in mamba-ssm's channel-first layout;
+``add_layer_norm`` is a block's residual add and the LayerNorm after it (one Triton kernel forward wherever the
+Triton scan runs).
 """
 import functools
 import importlib.util
@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 from .causal_conv1d import causal_conv1d_silu_cuda, causal_conv1d_silu_torch
 from .selective_scan import selective_scan_cuda_fn, selective_scan_torch
 
-__all__ = ['mixer', 'mixer_core', 'swiglu_mlp', 'swiglu', 'add_layer_norm', 'selective_scan', 'causal_conv1d_silu',
+__all__ = ['mixer', 'mixer_core', 'swiglu_mlp', 'add_layer_norm', 'selective_scan', 'causal_conv1d_silu',
            'set_backend', 'get_backend', 'resolve_backend', 'choose_backend', 'has_cuda_kernels']
 
 _BACKENDS = ('auto', 'cuda', 'torch', 'triton')
@@ -250,10 +250,10 @@ def swiglu_mlp(
     width is zero-padded to a multiple of 8 for the GEMMs: ARM's width dim * 8 // 3 is 2730 for ARM-L, and rows of
     2730 bf16 values are not 16-byte aligned, which sends cuBLAS to slow kernels (43 % of ARM-L's inference time on
     an H200). The zero rows / columns add exact zeros."""
-    hidden = fc2_weight.shape[1]
     if resolve_backend(x, backend, op='scan') == 'triton':
         from .triton_scan import swiglu_mlp_triton
         return swiglu_mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate_last)
+    hidden = fc2_weight.shape[1]
     pad = -hidden % 8 if x.is_cuda else 0
     if pad:  # each half of fc1 (and fc2's input) padded to hidden + pad
         fc1_weight = F.pad(fc1_weight.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
@@ -262,20 +262,6 @@ def swiglu_mlp(
     first, second = F.linear(x, fc1_weight, fc1_bias).chunk(2, dim=-1)
     gate, value = (second, first) if gate_last else (first, second)
     return F.linear(F.silu(gate) * value, fc2_weight, fc2_bias)
-
-
-def swiglu(x: torch.Tensor, gate_last: bool = False, backend: Optional[str] = None) -> torch.Tensor:
-    """silu(gate) * value of the two halves of x's last dimension (timm GluMlp's split: gate first unless
-    gate_last), (..., 2 H) -> (..., H). One fused Triton kernel (forward and backward, halves read in place) where
-    the Triton scan runs, else PyTorch's ops."""
-    if x.shape[-1] % 2:
-        raise ValueError(f'swiglu: the last dimension holds gate and value halves, got an odd size {x.shape[-1]}')
-    if resolve_backend(x, backend, op='scan') == 'triton':
-        from .triton_scan import swiglu_triton
-        return swiglu_triton(x, gate_last)
-    first, second = x.chunk(2, dim=-1)
-    gate, value = (second, first) if gate_last else (first, second)
-    return F.silu(gate) * value
 
 
 _LAYER_NORM_MAX_COLS = 16384  # the fused kernel keeps a row in one program's registers

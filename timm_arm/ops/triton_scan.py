@@ -66,7 +66,7 @@ if _on_cuda_compiler:
         pass
 
 __all__ = [
-    'add_layer_norm_triton', 'swiglu_triton', 'selective_scan_triton', 'selective_scan_tokens',
+    'add_layer_norm_triton', 'swiglu_mlp_triton', 'mixer_tokens', 'selective_scan_triton', 'selective_scan_tokens',
     'causal_conv1d_silu_tokens', 'mixer_core_tokens', 'has_triton', 'ScanConfig',
     'scan_config']
 
@@ -617,7 +617,7 @@ if has_triton:
         for i in range(tl.minimum(STEPS, seqlen - t0)):
             t = t0 + i
             x0, g = x_n.to(tl.float32), g_n.to(tl.float32)
-            x_n, pos_n = _row_at(x_base, pos_nn, t + 1, seqlen, sx_l, mask_d)  # as in the forward
+            x_n, _ = _row_at(x_base, pos_nn, t + 1, seqlen, sx_l, mask_d)  # as in the forward
             g_n, _ = _row_at(du_base, pos_nn, t + 1, seqlen, sdu_l, mask_d)
             pos_nn = _positions(order_ptr, k, t + 2, seqlen, HAS_ORDER)
             pre = bias + x3 * w3 + x2 * w2 + x1 * w1 + x0 * w0
@@ -788,8 +788,9 @@ def _kernel_params(kernel):
 def _launch(kernel, grid, *args, num_warps: int, maxnreg: Optional[int] = None, **constexprs):
     """``kernel[grid](*args, num_warps=..., maxnreg=..., **constexprs)``: the first launch with given argument
     properties goes through Triton (which compiles, or finds the compiled kernel); later ones call that kernel's
-    launcher directly. Triton's own path binds and specialises every argument again at every launch (55 - 75 us
-    of host time per launch on the H200's host, and the mixer makes ten per layer). The key holds everything
+    launcher directly. Triton's own path binds and specialises every argument again at every launch (the gate
+    kernel: 25 us of host time per launch through Triton, 19 us direct, on a quiet H200 host; more with more
+    arguments, and the mixer makes ten launches per layer). The key holds everything
     Triton specialises on: every non-tensor argument's value, each tensor's dtype and 16-byte alignment, the
     options, the constexprs and the device."""
     options = {'num_warps': num_warps}
@@ -1372,37 +1373,6 @@ def _swiglu_grad(x: torch.Tensor, dout: torch.Tensor, gate_last: bool) -> torch.
     _launch(_swiglu_bwd, grid, x, dout, dx, rows, width, x.stride(0), dout.stride(0), gate_col, value_col,
             BLOCK_R=SWIGLU_BLOCK_R, BLOCK_C=SWIGLU_BLOCK_C, num_warps=4)
     return dx
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate half) * value half of x (rows, 2 width) in one pass; keeps x (not silu(gate)) for the backward,
-    whose gradient comes back as one (rows, 2 width) tensor: fc1 stays one GEMM, forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x, gate_last):
-        ctx.save_for_backward(x)
-        ctx.gate_last = gate_last
-        return _swiglu_launch(x, gate_last)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, = ctx.saved_tensors
-        return _swiglu_grad(x, _channels_last(dout), ctx.gate_last), None
-
-
-@torch.compiler.disable
-def swiglu_triton(x: torch.Tensor, gate_last: bool = False) -> torch.Tensor:
-    """silu(gate) * value of the two halves of x's last dimension (gate first unless gate_last), as one Triton
-    kernel forward and backward: (..., 2 H) -> (..., H). x may be a view with padded rows (contiguous last dim)."""
-    if not has_triton:
-        raise RuntimeError('timm_arm: the triton SwiGLU needs triton installed')
-    if x.shape[-1] % 2:
-        raise ValueError(f'swiglu: the last dimension holds gate and value halves, got an odd size {x.shape[-1]}')
-    lead, width = x.shape[:-1], x.shape[-1] // 2
-    if x.numel() == 0:
-        return x.new_empty(*lead, width)
-    rows = _channels_last(x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x)
-    return _SwiGLU.apply(rows, bool(gate_last)).view(*lead, width)
 
 
 def _pad_rows(w: Optional[torch.Tensor], parts: int, rows: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
