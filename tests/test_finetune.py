@@ -75,9 +75,11 @@ def test_finetune_flow(tmp_path):
     export = tmp_path / 'model.safetensors'
     pretrained = _export_encoder(export, img_size=16, prefix='encoder.')
     # fine-tune at 32 px (4 x 4 grid) from a 16 px (2 x 2) export, as the paper goes from 192 to 224
+    # the ImageNet recipe (layer decay 0.65, EMA, mixup / cutmix) on a small model
     args = _train_py_args(
-        'arm_mamba_tiny_cifar10.yaml', pretrained_path=str(export), num_classes=3, img_size=32,
-        model_kwargs=dict(TINY, img_size=32), lr=2e-3, epochs=1, warmup_epochs=0, device='cpu')
+        'arm_mamba_base_in1k.yaml', model='arm_mamba_tiny', pretrained_path=str(export), num_classes=3,
+        img_size=32, model_kwargs=dict(TINY, img_size=32), lr=2e-3, epochs=1, warmup_epochs=0, device='cpu',
+        model_ema_decay=0.9)
     model = _create_model_like_train_py(args)
 
     state = model.state_dict()
@@ -95,7 +97,7 @@ def test_finetune_flow(tmp_path):
     assert scales == pytest.approx([0.65 ** 3, 0.65 ** 2, 0.65, 1.0])  # stem, block 0, block 1, norm + head
     steps = 20
     scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=steps)
-    task.setup_ema(decay=0.9, use_warmup=args.model_ema_warmup)
+    task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
     mixup = Mixup(
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,

@@ -42,9 +42,11 @@ def _weights(path):
     return load_checkpoint(path)['model']
 
 
-def test_resume_equals_uninterrupted(image_folder, tmp_path):
+@pytest.mark.parametrize('in_memory', ['on', 'off'])
+def test_resume_equals_uninterrupted(image_folder, tmp_path, in_memory):
     torch.set_num_threads(1)
-    common = ['-b', '8', '--grad-accum-steps', '2', '--epochs', '2', '--ckpt-interval', '100']
+    common = ['-b', '8', '--grad-accum-steps', '2', '--epochs', '2', '--ckpt-interval', '100',
+              '--in-memory', in_memory]
     full = train(_args(image_folder, tmp_path / 'full', *common))
     # 24 images / 8 = 3 updates per epoch; stop mid-epoch 1 (after 4 updates), then resume to the end
     part = train(_args(image_folder, tmp_path / 'part', *common, '--max-steps', '4'))
@@ -146,6 +148,46 @@ def test_export_loads_into_classifier(image_folder, tmp_path):
     assert torch.equal(local.state_dict()['blocks.1.mixer.A_log'][3], encoder['blocks.1.mixer.A_log'][0])
 
 
+def test_in_memory_auto_falls_back_to_workers(tmp_path, caplog):
+    """Images of mixed sizes cannot be held as one tensor: --in-memory auto trains with worker processes."""
+    mixed = tmp_path / 'mixed'
+    os.makedirs(mixed / 'a')
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (36 + i % 2 * 8, 40, 3), dtype=np.uint8)).save(mixed / 'a' / f'{i}.png')
+    caplog.set_level('INFO')
+    out = tmp_path / 'out'
+    assert main(['--data-dir', str(mixed), '--output', str(out), *MODEL, *FAST, '-b', '8', '--epochs', '1']) == 0
+    assert 'Images decoded by worker processes (--in-memory auto)' in caplog.text
+    assert (out / 'export' / 'model.safetensors').is_file()
+
+
+def test_visualize_writes_the_prediction_grid(image_folder, tmp_path):
+    from timm_arm.pretrain.visualize import predict_clusters
+    out = tmp_path / 'run'
+    assert main(['--data-dir', image_folder, '--output', str(out), *MODEL, *FAST, '-b', '8', '--max-steps', '2']) == 0
+    png = tmp_path / 'grid.png'
+    assert main(['--output', str(out), '--visualize', str(png), '--data-dir', image_folder, '--num-images', '6']) == 0
+    # 6 (input, prediction) pairs, 4 pairs a row: 2 rows; 32 px images shown at 128 px, 2 px padding
+    assert Image.open(png).size == (8 * 128 + 9 * 2, 2 * 128 + 3 * 2)
+
+    # the predictions are the model's: back in normalised-pixel space (true patch statistics) they are its output
+    state = load_checkpoint(latest_checkpoint(str(out)))
+    from timm_arm.models.arm_pretrain import create_pretrainer
+    model = create_pretrainer(state['model_name'], img_size=state['img_size'], **state['model_kwargs']).eval()
+    model.load_state_dict(state['model'])
+    images = torch.randn(3, 3, 32, 32)
+    shown = model.patchify(predict_clusters(model, images))
+    true = model.patchify(images)
+    first, rest = model.order[:model.cluster_len], model.order[model.cluster_len:]
+    assert torch.equal(shown[:, first], true[:, first])  # the first cluster is the input
+    mean, var = true[:, rest].mean(-1, keepdim=True), true[:, rest].var(-1, keepdim=True)
+    with torch.no_grad():
+        pred, _ = model.forward_pred(images)
+    assert torch.allclose((shown[:, rest] - mean) / (var + model.norm_pix_eps).sqrt(), pred, atol=1e-4)
+    assert main(['--output', str(tmp_path / 'none'), '--visualize', str(png), '--data-dir', image_folder]) == 2
+
+
 def test_config_file(image_folder, tmp_path):
     cfg = tmp_path / 'r.yaml'
     cfg.write_text('batch_size: 16\nepochs: 7\nmodel_kwargs: {cluster_size: 2}\nblr: 1.0e-3\n')
@@ -176,6 +218,13 @@ def test_bad_input(image_folder, tmp_path, capsys, monkeypatch):
     _fails(capsys, ['--data-dir', str(tmp_path / 'broken'), *base], 'Cannot decode image')
     _fails(capsys, ['--data-dir', image_folder, *base, '--img-size', '40'], 'must be divisible by patch size')
     _fails(capsys, ['--data-dir', image_folder, *base, '-b', '64'], 'less than one global batch')
+    _fails(capsys, ['--data-dir', image_folder, *base, '--in-memory', 'on', '--in-memory-max-gb', '1e-5'],
+           'over the in-memory budget')
+    mixed = tmp_path / 'mixed'
+    os.makedirs(mixed / 'a')
+    for i, shape in enumerate([(32, 32, 3)] * 5 + [(40, 32, 3)] + [(32, 32, 3)] * 4):
+        Image.fromarray(np.zeros(shape, dtype=np.uint8)).save(mixed / 'a' / f'{i}.png')
+    _fails(capsys, ['--data-dir', str(mixed), *base, '--in-memory', 'on'], '5.png is 32x40 px, the first image 32x32')
     monkeypatch.setenv('WORLD_SIZE', '4')
     _fails(capsys, ['--data-dir', image_folder, *base, '-b', '2'], 'smaller than the world size 4')
     monkeypatch.delenv('WORLD_SIZE')

@@ -101,8 +101,8 @@ def test_tap_layers_and_arguments():
 def test_factory_uses_variant_and_state_dict_layout():
     model = create_pretrainer('arm_mamba_tiny', img_size=32, patch_size=8, cluster_size=2, decoder_embed_dim=32,
                               decoder_num_heads=2)
-    assert model.encoder.embed_dim == 192 and len(model.encoder.blocks) == 4  # arm_mamba_tiny's shape
-    assert model.tap_layers == (2, 3, 3, 4)
+    assert model.encoder.embed_dim == 192 and len(model.encoder.blocks) == 12  # arm_mamba_tiny: 192 x 12
+    assert model.tap_layers == (6, 8, 10, 12)  # the paper's taps for 12 layers
     assert model.encoder.num_directions == 1 and model.encoder.cls_token is None
     assert not model.encoder.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
     keys = model.state_dict().keys()

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import timm
 import torch.nn as nn
 import yaml
 from timm.models import register_model
@@ -87,12 +88,26 @@ def test_paper_recipe(name, layer_decay, drop_path, size, train_args):
 
 
 def test_cifar_pair_differs_only_in_init(train_args):
-    ft = load_recipe(ROOT / 'recipes' / 'finetune' / 'arm_mamba_tiny_cifar10.yaml', train_args)
-    scratch = load_recipe(ROOT / 'recipes' / 'finetune' / 'arm_mamba_tiny_cifar10_scratch.yaml', train_args)
+    ft = load_recipe(ROOT / 'recipes' / 'finetune' / 'arm_mamba_tiny_patch4_32_cifar10.yaml', train_args)
+    scratch = load_recipe(ROOT / 'recipes' / 'finetune' / 'arm_mamba_tiny_patch4_32_cifar10_scratch.yaml', train_args)
     assert ft.pop('pretrained') and not scratch.pop('pretrained')
-    assert ft.pop('layer_decay') == 0.65
+    models = ft.pop('model'), scratch.pop('model')
+    assert models == ('arm_mamba_tiny_patch4_32.arm_cifar10_ar', 'arm_mamba_tiny_patch4_32')
     assert ft == scratch
-    assert ft['num_classes'] == 10 and ft['val_split'] == 'test'
+    assert ft['num_classes'] == 10 and ft['val_split'] == 'test' and ft['crop_pct'] == 1.0
+
+
+def test_cifar_recipes_fit_one_geometry(train_args):
+    """The pretraining recipe and the fine-tuning pair describe one encoder: 32 px, patch 4, 192 x 12."""
+    from timm_arm.models.arm_pretrain import create_pretrainer
+    from timm_arm.pretrain.cli import parse_args
+    pretrain = parse_args(['-c', str(ROOT / 'recipes' / 'pretrain' / 'arm_mamba_tiny_patch4_32_cifar10.yaml')])
+    model = create_pretrainer(pretrain.model, img_size=pretrain.img_size, device='meta', **pretrain.model_kwargs)
+    ft = load_recipe(ROOT / 'recipes' / 'finetune' / 'arm_mamba_tiny_patch4_32_cifar10.yaml', train_args)
+    classifier = timm.create_model(ft['model'], num_classes=ft['num_classes'], device='meta')
+    assert classifier.patch_embed.grid_size == model.encoder.patch_embed.grid_size == (8, 8)
+    assert (classifier.embed_dim, len(classifier.blocks)) == (model.encoder.embed_dim, len(model.encoder.blocks))
+    assert model.num_clusters == 16 and pretrain.in_memory == 'auto'
 
 
 @register_model

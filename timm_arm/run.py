@@ -9,6 +9,10 @@ themselves. This launcher imports it, then runs the script as ``__main__``, as `
 
 For train.py with --config/-c, the recipe is checked first against that very train.py's arguments
 (timm_arm.recipes.check_recipe); --no-check before the script name skips this.
+
+A bare script name (`validate.py`) that is not a file here is looked up in the folder named by the TIMM_SCRIPTS
+environment variable (a checkout of github.com/huggingface/pytorch-image-models). timm's scripts default to
+`--device cuda`: without a GPU, and unless the command line or the recipe names a device, `--device cpu` is added.
 """
 import os
 import runpy
@@ -18,6 +22,7 @@ from typing import List, Optional
 __all__ = ['main']
 
 USAGE = 'usage: timm-arm-run [--no-check] SCRIPT.py [ARGS...]  |  timm-arm-run [--no-check] -m MODULE [ARGS...]'
+_DEVICE_SCRIPTS = ('train.py', 'validate.py', 'inference.py', 'benchmark.py')  # timm's, all `--device cuda`
 
 
 def _option(argv: List[str], *names: str) -> Optional[str]:
@@ -52,6 +57,35 @@ def _check_train_config(script: str, argv: List[str]) -> None:
                 f'(train.py would silently start from random weights)')
 
 
+def _find_script(script: str) -> str:
+    if os.path.isfile(script):
+        return script
+    folder = os.environ.get('TIMM_SCRIPTS', '')
+    if folder and os.sep not in script and os.path.isfile(os.path.join(folder, script)):
+        return os.path.join(folder, script)
+    where = f'here or in TIMM_SCRIPTS={folder}' if folder else (
+        'here; set TIMM_SCRIPTS to a checkout of github.com/huggingface/pytorch-image-models to run it by name')
+    raise SystemExit(f'timm-arm-run: no such script: {script} ({where})\n{USAGE}')
+
+
+def _default_device(args: List[str]) -> List[str]:
+    """`--device cpu` appended when no GPU is present and neither the command line nor its recipe picks one."""
+    import torch
+    if torch.cuda.is_available() or _option(args, '--device') is not None:
+        return args
+    config = _option(args, '--config', '-c')
+    if config and os.path.isfile(config):
+        import yaml
+        try:
+            with open(config) as f:
+                if 'device' in (yaml.safe_load(f) or {}):
+                    return args
+        except yaml.YAMLError:
+            pass  # the recipe check reports it
+    print('timm-arm-run: no GPU here: adding --device cpu', file=sys.stderr)
+    return [*args, '--device', 'cpu']
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     check = True
@@ -71,9 +105,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         runpy.run_module(module, run_name='__main__', alter_sys=True)
         return
 
-    script, args = argv[0], argv[1:]
-    if not os.path.isfile(script):
-        raise SystemExit(f'timm-arm-run: no such script: {script}\n{USAGE}')
+    script, args = _find_script(argv[0]), argv[1:]
+    if os.path.basename(script) in _DEVICE_SCRIPTS:
+        args = _default_device(args)
     if check and os.path.basename(script) == 'train.py':
         from timm_arm.recipes import RecipeError
         try:

@@ -34,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--overwrite', action='store_true', help='replace OUT_DIR if it exists')
     p.add_argument('--no-verify', dest='verify', action='store_false',
                    help='skip checking the folder against the source before moving it into place')
+    p.add_argument('--dataset', default=None, help='training dataset named in the model card (default: from the tag)')
+    p.add_argument('--metrics', nargs='*', default={}, action=ParseKwargs, metavar='NAME=VALUE',
+                   help='measured results of these weights for the model card, e.g. top1=96.1 top5=99.9')
+    p.add_argument('--recipe', action='append', default=[], metavar='FILE',
+                   help='recipe shown in the model card (repeatable)')
+
+    p = sub.add_parser('cache', help='place a folder in the local Hugging Face cache as a download would')
+    p.add_argument('out_dir')
+    p.add_argument('--repo-id', default=None, help="Hub repo it stands for (default: the tag's, from the folder name)")
+    p.add_argument('--cache-dir', default=None, help='Hugging Face hub cache (default: HF_HUB_CACHE)')
 
     p = sub.add_parser('verify', help='reload a folder through timm (local-dir:) and compare with the source')
     p.add_argument('out_dir')
@@ -59,7 +69,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == 'convert':
             from .export import convert
             convert(args.source, args.out_dir, args.model, args.model_kwargs, entry=args.entry,
-                    overwrite=args.overwrite, repo_id=args.repo_id, check=args.verify)
+                    overwrite=args.overwrite, repo_id=args.repo_id, check=args.verify, dataset=args.dataset,
+                    metrics={k: float(v) for k, v in args.metrics.items()}, recipes=args.recipe)
+        elif args.command == 'cache':
+            from .upload import place_in_cache
+            place_in_cache(args.out_dir, repo_id=args.repo_id, cache_dir=args.cache_dir)
         elif args.command == 'verify':
             from .export import verify
             verify(args.out_dir, args.source, entry=args.entry, tolerance=args.tolerance)

@@ -18,14 +18,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from dataclasses import replace
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 import timm
 from timm.data import resolve_data_config
-from timm.models import get_pretrained_cfg, is_model, list_models, save_for_hf, split_model_name_tag
+from timm.models import get_pretrained_cfg, is_model, list_models, list_pretrained, save_for_hf, \
+    split_model_name_tag
 
 from timm_arm.models.arm_mamba import HUB_ORG, checkpoint_filter_fn
 from .source import CheckpointInfo, HubError, describe_state_dict, read_checkpoint, sha256_file
@@ -45,6 +47,10 @@ PAPER_RESULTS = (
 )
 _PAPER_NOTE = 'A supervised Mamba-B of the same shape as ARM-B reaches 81.2.'
 
+# dataset named by a tag's middle word (arm_in1k, arm_cifar10_ar, ...): (card name, Hub dataset id)
+DATASETS = {'in1k': 'ImageNet-1k', 'cifar10': 'CIFAR-10'}
+_HUB_DATASETS = {'ImageNet-1k': 'imagenet-1k', 'CIFAR-10': 'cifar10'}
+
 TEMPLATE = Path(__file__).resolve().parent / 'MODEL_CARD.md'  # also at hub/MODEL_CARD.md in the repository
 
 _CITATION = """@inproceedings{ren2025autoregressive,
@@ -61,7 +67,7 @@ import timm
 import timm_arm  # registers the ARM models in timm
 from PIL import Image
 
-model = timm.create_model('{model_id}', pretrained=True).eval()  # or 'hf-hub:{repo_id}'
+model = timm.create_model('{load_name}', pretrained=True).eval(){alt_name}
 transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
 image = Image.open('image.jpg').convert('RGB')
 probs = model(transform(image).unsqueeze(0)).softmax(dim=-1)
@@ -77,11 +83,11 @@ embedding, the head starts fresh), which is where the paper's fine-tuning starts
 import timm
 import timm_arm  # registers the ARM models in timm
 
-# fine-tuning starting point: 224 px, 1000 classes (position embedding resampled from {img_size} px)
-model = timm.create_model('{model_id}', pretrained=True, img_size=224, num_classes=1000)
+# fine-tuning starting point: a new head for your classes (pass img_size=... to resample the {img_size} px positions)
+model = timm.create_model('{load_name}', pretrained=True, num_classes=NUM_CLASSES)
 
 # the encoder in its pretraining form (1 causal direction), e.g. for feature extraction
-encoder = timm.create_model('{model_id}', pretrained=True, num_directions=1, class_token=False, pos_embed='sincos')
+encoder = timm.create_model('{load_name}', pretrained=True, num_directions=1, class_token=False, pos_embed='sincos')
 features = encoder.forward_features(images)  # (B, H/{patch_size}, W/{patch_size}, {embed_dim}) normalised patch tokens
 ```
 
@@ -101,33 +107,42 @@ def _paper_row(embed_dim: int, depth: int):
     return next((r for r in PAPER_RESULTS if (r[2], r[3]) == (embed_dim, depth)), None)
 
 
-def _resolve_name(model_name: str, info: CheckpointInfo, file: Path) -> Tuple[str, Dict[str, Any]]:
-    """Registered '<arch>.<tag>' for the checkpoint, and its pretrained cfg."""
+def _dataset_of(model_id: str) -> Optional[str]:
+    """The dataset named by a pretrained tag (arm_in1k_384 -> ImageNet-1k), None if it names none."""
+    tag = model_id.partition('.')[2]
+    return next((name for key, name in DATASETS.items() if f'_{key}' in f'_{tag}_'), None)
+
+
+def _resolve_name(model_name: str, info: CheckpointInfo, file: Path, img_size_given: bool = False
+                  ) -> Tuple[str, Dict[str, Any]]:
+    """Registered '<arch>.<tag>' for the checkpoint, and its pretrained cfg.
+
+    Without a tag: the architecture's tag of the checkpoint's form (encoder tags end in '_ar') and image size (any
+    size when --model-kwargs gives img_size); a checkpoint that fits none gets the bare architecture."""
     arch, tag = split_model_name_tag(model_name)
     if not is_model(arch) or arch not in _arm_models():
         raise HubError(f'--model {model_name}', f'not an ARM model; choose one of {", ".join(_arm_models())}')
+    tags = [split_model_name_tag(n)[1] for n in list_pretrained(f'{arch}.*')]
+    same_form = [t for t in tags if t.endswith('_ar') == info.is_encoder]
     if tag:
         if tag.endswith('_ar') != info.is_encoder:
             want = 'an AR-pretrained encoder' if tag.endswith('_ar') else 'a fine-tuned classifier'
-            better = f'{arch}.arm_in1k_ar' if info.is_encoder else f'{arch}.arm_in1k'
+            better = ', '.join(f'{arch}.{t}' for t in same_form) or f'{arch} (no tag)'
             raise HubError(file, f'the checkpoint is an {info.summary()}, but {model_name} is {want} '
-                                 f'(convert it as {better}, or give no tag)')
-        candidates = [f'{arch}.{tag}']
-    elif info.is_encoder:
-        candidates = [f'{arch}.arm_in1k_ar']
-    else:
-        candidates = ([f'{arch}.arm_in1k_384'] if info.img_size == (384, 384) else []) + [f'{arch}.arm_in1k']
-    for name in candidates:
-        try:
-            cfg = get_pretrained_cfg(name)
-        except RuntimeError:  # no such tag for this architecture
-            cfg = None
-        if cfg is not None:
-            return name, cfg.to_dict()
-    if tag:
-        raise HubError(f'--model {model_name}', f'{arch} has no pretrained tag {tag!r}')
-    cfg = get_pretrained_cfg(arch)  # architecture default (e.g. arm_mamba_tiny.untrained)
-    return f'{arch}.{cfg.tag}' if cfg.tag else arch, cfg.to_dict()
+                                 f'(convert it as {better})')
+        if tag not in tags:
+            raise HubError(f'--model {model_name}', f'{arch} has no pretrained tag {tag!r} '
+                                                    f'(its tags: {", ".join(tags) or "none"})')
+        name = f'{arch}.{tag}'
+        return name, get_pretrained_cfg(name).to_dict()
+    for t in same_form:
+        cfg = get_pretrained_cfg(f'{arch}.{t}')
+        if img_size_given or tuple(cfg.input_size[1:]) == info.img_size:
+            return f'{arch}.{t}', cfg.to_dict()
+    cfg = get_pretrained_cfg(arch)
+    if cfg.hf_hub_id:  # the default is a published tag, but not this checkpoint's: describe it as the bare arch
+        cfg = replace(cfg, hf_hub_id=None, tag=None)
+    return arch, cfg.to_dict()
 
 
 def _build(model_id: str, cfg: Dict[str, Any], info: CheckpointInfo, model_kwargs: Dict[str, Any], file: Path):
@@ -263,6 +278,49 @@ def verify(
     return err
 
 
+def _results_section(arch: str, info: CheckpointInfo, dataset: str, metrics: Dict[str, float],
+                     cfg: Dict[str, Any]) -> str:
+    """Measured metrics when given; else the paper's table for an ImageNet-1k model of a published architecture."""
+    H = cfg['input_size'][1]
+    if metrics:
+        rows = '\n'.join(f'| {name} | {value:.2f} |' for name, value in metrics.items())
+        return (f'## Results: {dataset}\n| metric (%) | value |\n| --- | --- |\n{rows}\n\n'
+                f"Measured with these weights by timm's validate.py on the {dataset} test images at {H} px "
+                f"(crop {cfg.get('crop_pct', 1.0)}), fp32.")
+    row = next((r for r in PAPER_RESULTS if r[1] == arch), None)
+    if dataset != 'ImageNet-1k' or row is None:
+        return '## Results\nNo results were recorded for these weights (`timm-arm-hub convert --metrics`).'
+    lines = ['| Model | timm architecture | Width × depth | Params | Top-1 @ 224 | Top-1 @ 384 |',
+             '| --- | --- | --- | --- | --- | --- |']
+    for name, paper_arch, dim, depth, params, top1, top1_384 in PAPER_RESULTS:
+        cells = [name, f'`{paper_arch}`', f'{dim} × {depth}', f'{params} M', f'{top1:.1f}',
+                 f'{top1_384:.1f}' if top1_384 else '–']
+        if paper_arch == arch:
+            cells = [f'**{c}**' for c in cells]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    note = 'Numbers from the paper (fine-tuned on ImageNet-1k), not re-measured with these weights. ' + _PAPER_NOTE
+    if (row[2], row[3]) != (info.embed_dim, info.depth):
+        note += (f' These weights ({info.embed_dim} × {info.depth}) are not of the published {row[0]} shape; the '
+                 f'table is for reference only.')
+    if info.is_encoder:
+        note += ' This folder holds the pretrained encoder: the numbers are reached after fine-tuning it.'
+    return '## Results: ImageNet-1k top-1 (%)\n' + '\n'.join(lines) + '\n\n' + note
+
+
+def _recipe_section(recipes: List[Any]) -> str:
+    if not recipes:
+        return ''
+    parts = ['## Training recipe']
+    for recipe in recipes:
+        path = Path(recipe)
+        try:
+            text = path.read_text(encoding='utf-8').strip()
+        except OSError as e:
+            raise HubError(path, f'recipe unreadable ({e.strerror or e})') from None
+        parts.append(f'`{path.name}`:\n```yaml\n{text}\n```')
+    return '\n\n'.join(parts) + '\n\n'
+
+
 def model_card(
         model: torch.nn.Module,
         model_id: str,
@@ -273,46 +331,44 @@ def model_card(
         source_sha256: str,
         entry: str,
         template: Path = TEMPLATE,
+        dataset: Optional[str] = None,
+        metrics: Optional[Dict[str, float]] = None,
+        recipes: Optional[List[Any]] = None,
 ) -> str:
-    """README.md for the folder: the model card template (hub/MODEL_CARD.md) filled in with str.format."""
+    """README.md for the folder: the model card template (hub/MODEL_CARD.md) filled in with str.format.
+
+    Args:
+        dataset: Training dataset (default: the one the tag names, e.g. arm_cifar10 -> CIFAR-10).
+        metrics: Measured results of these weights ({'top1': 96.1, ...}); without them an ImageNet-1k model of a
+            published size shows the paper's table, any other model says that no results were recorded.
+        recipes: Recipe files shown verbatim in the card.
+    """
     try:
         text = Path(template).read_text(encoding='utf-8')
     except OSError as e:
         raise HubError(template, f'model card template unreadable ({e.strerror or e})') from None
-    row = _paper_row(info.embed_dim, info.depth)
-    lines = ['| Model | timm architecture | Width × depth | Params | Top-1 @ 224 | Top-1 @ 384 |',
-             '| --- | --- | --- | --- | --- | --- |']
-    for name, arch, dim, depth, params, top1, top1_384 in PAPER_RESULTS:
-        cells = [name, f'`{arch}`', f'{dim} × {depth}', f'{params} M', f'{top1:.1f}',
-                 f'{top1_384:.1f}' if top1_384 else '–']
-        if row and row[1] == arch:
-            cells = [f'**{c}**' for c in cells]
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    results_note = ('Numbers from the paper (fine-tuned on ImageNet-1k), not re-measured with these weights. '
-                    + _PAPER_NOTE)
-    if row is None:
-        results_note += (f' This model ({info.embed_dim} × {info.depth}) is none of the published sizes; '
-                         'the table is for reference only.')
-    elif info.is_encoder:
-        results_note += ' This folder holds the pretrained encoder: the numbers are reached after fine-tuning it.'
+    arch = model_id.split('.')[0]
+    row = next((r for r in PAPER_RESULTS if r[1] == arch), None)
+    dataset = dataset or _dataset_of(model_id) or 'an unspecified dataset'
+    name = row[0] if row and dataset == 'ImageNet-1k' else 'an ARM Mamba'
     H, W = cfg['input_size'][1:]
     params = sum(p.numel() for p in model.parameters())
-    in1k = 'in1k' in model_id.partition('.')[2]
-    dataset = 'ImageNet-1k' if in1k else 'an unspecified dataset'
+    registered = '.' in model_id  # a registered tag: pretrained=True finds it; otherwise name the Hub repo
+    load_name = model_id if registered else f'hf-hub:{repo_id}'
+    hub_dataset = _HUB_DATASETS.get(dataset)
     fields = dict(
-        model_id=model_id,
+        model_id=model_id if registered else repo_id.split('/')[-1],
         repo_id=repo_id,
-        architecture=model_id.split('.')[0],
+        architecture=arch,
         license=cfg.get('license', 'apache-2.0'),
         pipeline_tag='image-feature-extraction' if info.is_encoder else 'image-classification',
-        summary=(f'The encoder of {row[0] if row else "an ARM Mamba"} after autoregressive pretraining on '
-                 f'{dataset} ({H} px), from "Autoregressive Pretraining with Mamba in Vision" (ICLR 2025).'
+        summary=(f'The encoder of {name} after autoregressive pretraining on {dataset} ({H} px), following '
+                 f'"Autoregressive Pretraining with Mamba in Vision" (ICLR 2025).'
                  if info.is_encoder else
-                 f'{row[0] if row else "An ARM Mamba"} image classifier: autoregressive pretraining, then '
-                 f'fine-tuning on {dataset} at {H} px, from "Autoregressive Pretraining with Mamba in Vision" '
-                 f'(ICLR 2025).'),
-        dataset=dataset if in1k else 'unspecified',
-        datasets_yaml='datasets:\n- imagenet-1k\n' if in1k else '',
+                 f'{name[0].upper() + name[1:]} image classifier: autoregressive pretraining, then fine-tuning on '
+                 f'{dataset} at {H} px, following "Autoregressive Pretraining with Mamba in Vision" (ICLR 2025).'),
+        dataset=dataset,
+        datasets_yaml=f'datasets:\n- {hub_dataset}\n' if hub_dataset else '',
         model_type='Feature backbone (AR-pretrained encoder)' if info.is_encoder else 'Image classification',
         embed_dim=info.embed_dim,
         depth=info.depth,
@@ -328,10 +384,11 @@ def model_card(
         source_sha256=source_sha256,
         entry=entry or 'the whole file',
         layout=info.layout,
-        results_table='\n'.join(lines),
-        results_note=results_note,
+        results_section=_results_section(arch, info, dataset, dict(metrics or {}), cfg),
+        recipe_section=_recipe_section(list(recipes or [])),
         usage=(_USAGE_ENCODER if info.is_encoder else _USAGE_CLASSIFIER).format(
-            model_id=model_id, repo_id=repo_id, img_size=H, patch_size=info.patch_size, embed_dim=info.embed_dim),
+            load_name=load_name, alt_name=f"  # or 'hf-hub:{repo_id}'" if registered else '', repo_id=repo_id,
+            img_size=H, patch_size=info.patch_size, embed_dim=info.embed_dim),
         citation=_CITATION,
     )
     try:
@@ -376,6 +433,9 @@ def convert(
         check: bool = True,
         template: Path = TEMPLATE,
         log: Callable[[str], None] = print,
+        dataset: Optional[str] = None,
+        metrics: Optional[Dict[str, float]] = None,
+        recipes: Optional[List[Any]] = None,
 ) -> Path:
     """Convert `source` (reference-code or timm-arm checkpoint) into the Hub-ready folder `out_dir`.
 
@@ -389,6 +449,7 @@ def convert(
         entry: Checkpoint entry to take ('model', 'model_ema', ...); default 'model' / 'state_dict'.
         repo_id: Hub repo named in the model card; default: the tag's hf_hub_id, else '<HUB_ORG>/<model>'.
         check: Verify the folder against the source before it is moved into place.
+        dataset, metrics, recipes: For the model card (see model_card).
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -399,7 +460,7 @@ def convert(
     info = describe_state_dict(state_dict, file)
     log(f'read {file}' + (f" (entry '{taken}')" if taken else '') + f': {info.summary()}')
 
-    model_id, cfg = _resolve_name(model_name, info, file)
+    model_id, cfg = _resolve_name(model_name, info, file, img_size_given='img_size' in (model_kwargs or {}))
     model, kwargs = _build(model_id, cfg, info, model_kwargs or {}, file)
     _load_strict(model, state_dict, file, info)
     if info.is_encoder:  # config.json describes the shape only, so timm builds the classifier from it
@@ -417,7 +478,7 @@ def convert(
         save_for_hf(model, tmp, safe_serialization=True, model_config={'conversion': conversion})
         written_cfg = json.loads((tmp / 'config.json').read_text())['pretrained_cfg']  # the data config as saved
         card = model_card(model, model_id, repo_id, info, written_cfg, file.name, source_sha256, taken,
-                          template=template)
+                          template=template, dataset=dataset, metrics=metrics, recipes=recipes)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
         if check:
             verify(tmp, source_state_dict=state_dict, log=lambda msg: None)

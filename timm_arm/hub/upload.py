@@ -15,7 +15,7 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 
 from .source import HubError, list_files, sha256_file
 
-__all__ = ['publish', 'plan_upload']
+__all__ = ['publish', 'plan_upload', 'place_in_cache']
 
 _REQUIRED = ('model.safetensors', 'config.json', 'README.md')
 _PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pkl', '.pickle', '.ckpt', '.tar')
@@ -128,3 +128,59 @@ def publish(
         commit_message=commit_message or f'Upload {", ".join(upload)} with timm-arm-hub')
     log(f'uploaded {len(upload)} file(s) to {target}: {getattr(info, "commit_url", info)}')
     return upload
+
+
+def _default_repo_id(folder: Path) -> str:
+    """The Hub repo of the tag the folder is named after (arm_mamba_base.arm_in1k -> its hf_hub_id)."""
+    from timm.models import get_pretrained_cfg
+
+    from timm_arm.models.arm_mamba import HUB_ORG
+    try:
+        cfg = get_pretrained_cfg(folder.name)
+    except RuntimeError:
+        cfg = None
+    return cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else f'{HUB_ORG}/{folder.name}'
+
+
+def place_in_cache(
+        folder: Any,
+        repo_id: Optional[str] = None,
+        cache_dir: Optional[Any] = None,
+        log: Callable[[str], None] = print,
+) -> Path:
+    """Lay a converted folder into the local Hugging Face cache as hf_hub_download leaves a download of it
+    (content-addressed blobs: sha256 for the weights, git blob ids for the rest; a snapshot of relative links;
+    refs/main naming the snapshot), so that `pretrained=True` on its tag loads it offline (HF_HUB_OFFLINE=1).
+
+    The snapshot's revision is derived from the files' hashes: placing the same folder again changes nothing.
+    Returns the snapshot folder.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = Path(folder)
+    files = _check_folder(folder)
+    repo_id = repo_id or _default_repo_id(folder)
+    cache = Path(cache_dir or constants.HF_HUB_CACHE)
+    ids = {name: sha256_file(folder / name) if name.endswith('.safetensors') else _git_blob_id(folder / name)
+           for name in files}
+    revision = hashlib.sha1(json.dumps(sorted(ids.items())).encode()).hexdigest()
+    repo = cache / repo_folder_name(repo_id=repo_id, repo_type='model')
+    snapshot = repo / 'snapshots' / revision
+    (repo / 'blobs').mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, blob_id in ids.items():
+        blob = repo / 'blobs' / blob_id
+        if not blob.exists():
+            tmp = blob.with_name(blob.name + '.incomplete')
+            tmp.write_bytes((folder / name).read_bytes())
+            tmp.replace(blob)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path(*(['..'] * (len(Path(name).parts) + 1)), 'blobs', blob_id))
+    (repo / 'refs').mkdir(exist_ok=True)
+    (repo / 'refs' / 'main').write_text(revision)
+    log(f'placed {folder} in {cache} as {repo_id} (revision {revision[:12]})')
+    return snapshot

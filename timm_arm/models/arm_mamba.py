@@ -667,8 +667,17 @@ def _ar_cfg(**kwargs) -> Dict[str, Any]:
     return _cfg(num_classes=0, input_size=(3, 192, 192), pool_size=(12, 12), crop_pct=1.0, **kwargs)
 
 
+def _cifar_cfg(**kwargs) -> Dict[str, Any]:
+    """CIFAR-10 at its native 32 px (no resize, no crop)."""
+    return _cfg(**{'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'crop_pct': 1.0, **kwargs})
+
+
 default_cfgs = generate_default_cfgs({
     'arm_mamba_tiny.untrained': _cfg(),
+    'arm_mamba_small.untrained': _cfg(),
+    'arm_mamba_tiny_patch4_32.arm_cifar10': _cifar_cfg(hf_hub_id=f'{HUB_ORG}/arm_mamba_tiny_patch4_32.arm_cifar10'),
+    'arm_mamba_tiny_patch4_32.arm_cifar10_ar': _cifar_cfg(
+        hf_hub_id=f'{HUB_ORG}/arm_mamba_tiny_patch4_32.arm_cifar10_ar', num_classes=0),
     'arm_mamba_base.arm_in1k': _cfg(hf_hub_id=f'{HUB_ORG}/arm_mamba_base.arm_in1k'),
     'arm_mamba_base.arm_in1k_ar': _ar_cfg(hf_hub_id=f'{HUB_ORG}/arm_mamba_base.arm_in1k_ar'),
     'arm_mamba_large.arm_in1k': _cfg(hf_hub_id=f'{HUB_ORG}/arm_mamba_large.arm_in1k'),
@@ -683,9 +692,23 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def arm_mamba_tiny(pretrained: bool = False, **kwargs) -> ArmMamba:
-    """Small test variant (192 x 4), no published weights."""
-    model_args = dict(embed_dim=192, depth=4)
+    """ARM-Ti: 192 x 12 (ViT-Ti's shape), 5.4 M parameters at 224."""
+    model_args = dict(embed_dim=192, depth=12)
     return _create_arm_mamba('arm_mamba_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def arm_mamba_small(pretrained: bool = False, **kwargs) -> ArmMamba:
+    """ARM-S: 384 x 12 (ViT-S's shape), 21 M parameters at 224."""
+    model_args = dict(embed_dim=384, depth=12)
+    return _create_arm_mamba('arm_mamba_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def arm_mamba_tiny_patch4_32(pretrained: bool = False, **kwargs) -> ArmMamba:
+    """ARM-Ti for 32 px images (CIFAR): 4 x 4 patches, an 8 x 8 grid."""
+    model_args = dict(embed_dim=192, depth=12, patch_size=4, img_size=32)
+    return _create_arm_mamba('arm_mamba_tiny_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

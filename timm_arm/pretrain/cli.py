@@ -3,6 +3,8 @@
 Single process:   timm-arm-pretrain --config recipes/pretrain/arm_mamba_tiny_cifar10.yaml --data-dir DIR --output OUT
 Multi-GPU / node: torchrun --nproc-per-node 8 [--nnodes N --rdzv-endpoint HOST:PORT] -m timm_arm.pretrain ...
 Export encoder:   timm-arm-pretrain --output OUT --export OUT/export   (latest checkpoint in OUT, or --resume FILE)
+Predictions:      timm-arm-pretrain --output OUT --visualize grid.png --data-dir DIR   (images beside their
+                  next-cluster predictions)
 
 --batch-size is the GLOBAL batch per optimizer update; each of the world_size processes runs micro-batches of
 batch_size / (world_size x grad_accum_steps). lr = blr x batch_size / 256 for any world size.
@@ -33,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--workers', '-j', type=int, default=8, help='data loading processes per GPU')
     g.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True)
     g.add_argument('--check-images', type=int, default=8, help='decode this many images before starting')
+    g.add_argument('--in-memory', default='auto', choices=('auto', 'on', 'off'),
+                   help='decode all images once and crop / flip them on the training device (auto: when they are '
+                        'of one size and fit --in-memory-max-gb); off: worker processes decode every sample')
+    g.add_argument('--in-memory-max-gb', type=float, default=8.,
+                   help='largest dataset (uint8 pixels, per process) held in memory')
+    g.add_argument('--scale', type=float, nargs=2, default=(0.2, 1.0), metavar=('MIN', 'MAX'),
+                   help='RandomResizedCrop area range')
 
     g = parser.add_argument_group('Model')
     g.add_argument('--model', default='arm_mamba_base', help='registered ArmMamba variant')
@@ -61,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--resume', default='', help='checkpoint file; default: the latest one in --output')
     g.add_argument('--no-resume', action='store_true', help='start fresh (refused if --output has checkpoints)')
     g.add_argument('--ckpt-interval', type=int, default=1000, help='checkpoint every N updates (and each epoch)')
+    g.add_argument('--ckpt-minutes', type=float, default=10.,
+                   help='also checkpoint when this many minutes passed since the last one (0: off)')
     g.add_argument('--keep-last', type=int, default=3, help='checkpoints to keep')
     g.add_argument('--log-interval', type=int, default=20, help='updates between log lines')
     g.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -70,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--export', default='', metavar='DIR',
                    help='only export the encoder of the checkpoint (--resume or latest in --output) to DIR')
     g.add_argument('--no-export', action='store_true', help='do not export the encoder at the end of training')
+    g.add_argument('--visualize', default='', metavar='FILE.png',
+                   help='only draw images of --data-dir beside the next-cluster predictions of the checkpoint '
+                        '(--resume or latest in --output) into FILE.png')
+    g.add_argument('--num-images', type=int, default=8, help='images in the --visualize grid')
     g.add_argument('--device', default='', help='cuda / cpu (default: cuda if available)')
     return parser
 
@@ -94,16 +109,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .train import SetupError, export_checkpoint, train
+    from .train import SetupError, export_checkpoint, train, visualize_checkpoint
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     try:
         if args.export:
             export_checkpoint(args)
+        elif args.visualize:
+            visualize_checkpoint(args)
         else:
             train(args)
     except SetupError as e:
-        _logger.error(str(e))
         print(f'timm-arm-pretrain: error: {e}', file=sys.stderr)
         return 2
     return 0

@@ -6,16 +6,17 @@ a different number of GPUs at the same global batch, see exactly the same pixels
 """
 import logging
 import os
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset
 
-__all__ = ['pretrain_transform', 'SeededTransformDataset', 'ResumableSampler', 'build_dataset', 'DataError']
+__all__ = ['pretrain_transform', 'SeededTransformDataset', 'ResumableSampler', 'WorkerLoader', 'open_dataset',
+           'DataError']
 
 _logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class DataError(ValueError):
 
 
 def pretrain_transform(img_size: int, scale=(0.2, 1.0), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-    """RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip, as in the paper."""
+    """RandomResizedCrop(scale 0.2-1 in the paper, bicubic) + horizontal flip."""
     return transforms.Compose([
         transforms.RandomResizedCrop(img_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
@@ -99,16 +100,8 @@ def _check_folder(root: str) -> None:
         raise DataError(f'Data folder {root!r} holds no images ({", ".join(_IMAGE_EXTENSIONS)}).')
 
 
-def build_dataset(
-        name: str,
-        root: str,
-        img_size: int,
-        seed: int = 0,
-        split: str = 'train',
-        check_images: int = 8,
-        **kwargs,
-) -> SeededTransformDataset:
-    """timm's create_dataset (image folder, .tar, or any timm dataset name) + the pretraining transform.
+def open_dataset(name: str, root: str, split: str = 'train', check_images: int = 8, **kwargs) -> Dataset:
+    """timm's create_dataset (image folder, .tar, or any timm dataset name) returning PIL images, no transform.
 
     Fails early with DataError on a missing / empty source or when one of the first `check_images` images
     cannot be decoded.
@@ -135,4 +128,40 @@ def build_dataset(
         except Exception as e:
             filename = reader.filename(i) if reader is not None and hasattr(reader, 'filename') else f'#{i}'
             raise DataError(f'Cannot decode image {filename} in {root!r}: {e}') from e
-    return SeededTransformDataset(dataset, pretrain_transform(img_size), seed=seed)
+    return dataset
+
+
+class WorkerLoader:
+    """Worker processes decode and augment each sample (pretrain_transform, seeded per sample).
+
+    set_epoch(epoch, start) selects the epoch and skips the first `start` samples of this rank; iterating yields
+    (micro_batch, C, H, W) float32 CPU batches (pinned if asked).
+    """
+
+    def __init__(
+            self,
+            dataset: Dataset,
+            batch_size: int,
+            img_size: int,
+            num_replicas: int = 1,
+            rank: int = 0,
+            seed: int = 0,
+            scale=(0.2, 1.0),
+            workers: int = 8,
+            pin_memory: bool = False,
+    ):
+        self.dataset = SeededTransformDataset(dataset, pretrain_transform(img_size, scale=tuple(scale)), seed=seed)
+        self.sampler = ResumableSampler(self.dataset, num_replicas=num_replicas, rank=rank, seed=seed)
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 pin_memory=pin_memory, drop_last=True)  # workers restart each epoch: they
+        # copy the dataset, whose epoch (the augmentation seed) changes
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start=start)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)

@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from typing import Any, Dict, Optional, Tuple
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import IterableDataset
 
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -26,8 +28,9 @@ from timm.scheduler import create_scheduler_v2
 from timm_arm.models.arm_pretrain import ArmPretrainer, create_pretrainer
 from .checkpoint import CheckpointError, atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint, \
     rng_state, save_checkpoint, set_rng_state
-from .data import DataError, ResumableSampler, build_dataset
+from .data import DataError, WorkerLoader, open_dataset
 from .export import export_encoder
+from .in_memory import InMemoryError, InMemoryLoader, decode_images
 
 __all__ = ['train', 'export_checkpoint', 'SetupError']
 
@@ -138,8 +141,60 @@ class _Loggers:
             self.wandb.finish()
 
 
+def _open_data(args: argparse.Namespace) -> Tuple[Any, Optional[torch.Tensor]]:
+    """The dataset, and all its images as one uint8 tensor when they are held in memory (--in-memory)."""
+    try:
+        dataset = open_dataset(args.dataset, args.data_dir, split=args.train_split, check_images=args.check_images)
+        if args.in_memory == 'off':
+            return dataset, None
+        if isinstance(dataset, IterableDataset):
+            raise InMemoryError(f'--in-memory needs a map-style dataset; {args.dataset} is iterable.')
+        started = time.perf_counter()
+        images = decode_images(dataset, int(args.in_memory_max_gb * 2 ** 30), workers=args.workers)
+    except InMemoryError as e:
+        if args.in_memory == 'on':
+            raise SetupError(str(e)) from e
+        _logger.info(f'Images decoded by worker processes (--in-memory auto): {e}')
+        return dataset, None
+    except DataError as e:
+        raise SetupError(str(e)) from e
+    _logger.info(f'{len(images)} images of {images.shape[2]}x{images.shape[1]} px decoded into memory '
+                 f'({images.numel() / 2 ** 20:.0f} MiB) in {time.perf_counter() - started:.1f} s; cropped and '
+                 f'flipped on the training device.')
+    return dataset, images
+
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM ask the loop to checkpoint at the next step boundary and return; a second one aborts."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> '_StopOnSignal':
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f'second {signal.Signals(signum).name}: stopping without a checkpoint')
+        self.signum = signum
+        _logger.warning(f'{signal.Signals(signum).name} received: writing a checkpoint after this step, then '
+                        f'stopping (send it again to abort at once).')
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(args: argparse.Namespace) -> Optional[str]:
-    """Run (or resume) pretraining; returns the path of the last checkpoint written by rank 0."""
+    """Run (or resume) pretraining; returns the path of the last checkpoint written by rank 0.
+
+    Stops after all epochs, after --max-steps updates (both export the encoder), or at the step boundary after a
+    SIGINT / SIGTERM (checkpoint only; `args.stopped_by_signal` is then set).
+    """
     world, rank, local_rank = _dist_env()
     is_main = rank == 0
     if not is_main:
@@ -157,18 +212,18 @@ def train(args: argparse.Namespace) -> Optional[str]:
                          f'grad-accum-steps = {world} x {accum}.')
     micro = args.batch_size // (world * accum)
     amp_dtype = _AMP_DTYPES[args.amp_dtype]
+    use_cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
+    if use_cuda and not torch.cuda.is_available():
+        raise SetupError(f'--device {args.device}: no CUDA device is available here (use --device cpu).')
 
     _seed_all(args.seed)  # same model init on every rank (DDP also broadcasts rank 0's weights)
     model = _build_model(args.model, args.img_size, args.model_kwargs)
 
-    try:
-        dataset = build_dataset(args.dataset, args.data_dir, args.img_size, seed=args.seed,
-                                split=args.train_split, check_images=args.check_images)
-    except DataError as e:
-        raise SetupError(str(e)) from e
-    updates_per_epoch = len(dataset) // world // micro // accum
+    dataset, images = _open_data(args)
+    num_images = len(dataset)
+    updates_per_epoch = num_images // world // micro // accum
     if updates_per_epoch == 0:
-        raise SetupError(f'Dataset of {len(dataset)} images holds less than one global batch ({args.batch_size}).')
+        raise SetupError(f'Dataset of {num_images} images holds less than one global batch ({args.batch_size}).')
 
     existing = list_checkpoints(args.output) if os.path.isdir(args.output) else []
     if args.no_resume and existing and not args.resume:
@@ -186,7 +241,6 @@ def train(args: argparse.Namespace) -> Optional[str]:
         _check_resume(state, resume_path, model, args)
 
     # ---- 2. devices, process group, output ----
-    use_cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device('cuda', local_rank)
@@ -235,16 +289,20 @@ def train(args: argparse.Namespace) -> Optional[str]:
             model, device_ids=[local_rank] if use_cuda else None,
             find_unused_parameters=max(model.tap_layers) < len(model.encoder.blocks))
 
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=args.seed)
-    loader = DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=args.workers,
-                        pin_memory=args.pin_mem and use_cuda, drop_last=True)
+    if images is not None:
+        loader = InMemoryLoader(images.to(device), micro, args.img_size, num_replicas=world, rank=rank,
+                                seed=args.seed, scale=tuple(args.scale))
+    else:
+        loader = WorkerLoader(dataset, micro, args.img_size, num_replicas=world, rank=rank, seed=args.seed,
+                              scale=tuple(args.scale), workers=args.workers, pin_memory=args.pin_mem and use_cuda)
     total_updates = args.epochs * updates_per_epoch
     if args.max_steps:
         total_updates = min(total_updates, args.max_steps)
     _logger.info(
         f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, '
-        f'{len(dataset)} images, world {world} x micro-batch {micro} x accum {accum} = global batch '
-        f'{args.batch_size}, lr {lr:.3g}, {updates_per_epoch} updates/epoch, amp {args.amp_dtype}, device {device}.')
+        f'{num_images} images, world {world} x micro-batch {micro} x accum {accum} = global batch '
+        f'{args.batch_size}, lr {lr:.3g}, {updates_per_epoch} updates/epoch, {total_updates} updates in all, '
+        f'amp {args.amp_dtype}, device {device}.')
 
     loggers = _Loggers(args, is_main)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -252,7 +310,10 @@ def train(args: argparse.Namespace) -> Optional[str]:
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     t_log, steps_since_log = time.perf_counter(), 0
     t_start, steps_done = t_log, 0
+    t_ckpt = t_log
+    record: Dict[str, Any] = {}
     stop = global_step >= total_updates
+    args.stopped_by_signal = None
 
     def checkpoint(epoch_now: int, step_now: int) -> Optional[str]:
         if not is_main:
@@ -261,83 +322,109 @@ def train(args: argparse.Namespace) -> Optional[str]:
             model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(), epoch=epoch_now, step_in_epoch=step_now, global_step=global_step,
             rng=rng_state(), model_name=args.model, model_kwargs=_plain(args.model_kwargs),
-            img_size=args.img_size, batch_size=args.batch_size, dataset_len=len(dataset), args=_plain(vars(args)))
+            img_size=args.img_size, batch_size=args.batch_size, dataset_len=num_images, args=_plain(vars(args)))
         return save_checkpoint(state_now, args.output, global_step, keep_last=args.keep_last)
 
-    for epoch in range(start_epoch, args.epochs):
-        if stop:
-            break
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start=step_in_epoch * accum * micro)
-        batches = iter(loader)
-        pbar = None
-        if is_main and not args.no_progress:
-            from tqdm import tqdm
-            pbar = tqdm(total=updates_per_epoch, initial=step_in_epoch, desc=f'epoch {epoch}', dynamic_ncols=True,
-                        unit='step')
-        ddp_model.train()
-        for update in range(step_in_epoch, updates_per_epoch):
-            scheduler.step_update(num_updates=global_step)
-            loss_sum = torch.zeros((), device=device)
-            for micro_step in range(accum):
-                images = next(batches).to(device, non_blocking=True)
-                sync = micro_step == accum - 1 or ddp_model is model
-                with nullcontext() if sync else ddp_model.no_sync():
-                    with autocast:
-                        loss = ddp_model(images)
-                    scaler.scale(loss / accum).backward()
-                loss_sum += loss.detach()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            steps_since_log += 1
-            steps_done += 1
-            end_of_epoch = update + 1 == updates_per_epoch
-            stop = global_step >= total_updates
+    def signalled(signals: _StopOnSignal) -> bool:
+        """Whether a stop was asked for, on any rank (checked on every rank at the same steps)."""
+        if world == 1:
+            return signals.signum is not None
+        if global_step % 10:
+            return False
+        flag = torch.tensor([float(signals.signum is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
-            if global_step % args.log_interval == 0 or end_of_epoch or stop:
-                loss_avg = loss_sum / accum
-                if world > 1:
-                    dist.all_reduce(loss_avg, op=dist.ReduceOp.AVG if use_cuda else dist.ReduceOp.SUM)
-                    if not use_cuda:
-                        loss_avg /= world
-                loss_value = loss_avg.item()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f'Loss is {loss_value} at step {global_step}; stopping.')
-                now = time.perf_counter()
-                img_per_s = steps_since_log * args.batch_size / max(now - t_log, 1e-9)
-                eta = (now - t_start) / steps_done * (total_updates - global_step)
-                record = dict(step=global_step, epoch=epoch, loss=loss_value, lr=optimizer.param_groups[0]['lr'],
-                              img_per_s=img_per_s, eta_s=eta, time=time.time())
-                if args.clip_grad:
-                    record['grad_norm'] = float(grad_norm)
-                loggers.log(record)
-                if pbar is not None:
-                    pbar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{record["lr"]:.2e}', img_s=f'{img_per_s:.0f}',
-                                     eta=time.strftime('%H:%M:%S', time.gmtime(eta)) if eta < 86400
-                                     else f'{eta / 86400:.1f}d')
-                t_log, steps_since_log = now, 0
-            if pbar is not None:
-                pbar.update(1)
-
-            if end_of_epoch:
-                last_ckpt = checkpoint(epoch + 1, 0) or last_ckpt
-            elif global_step % args.ckpt_interval == 0 or stop:
-                last_ckpt = checkpoint(epoch, update + 1) or last_ckpt
+    with _StopOnSignal() as signals:
+        for epoch in range(start_epoch, args.epochs):
             if stop:
                 break
-        step_in_epoch = 0
-        if pbar is not None:
-            pbar.close()
+            loader.set_epoch(epoch, start=step_in_epoch * accum * micro)
+            batches = iter(loader)
+            pbar = None
+            if is_main and not args.no_progress:
+                from tqdm import tqdm
+                pbar = tqdm(total=updates_per_epoch, initial=step_in_epoch, desc=f'epoch {epoch}',
+                            dynamic_ncols=True, unit='step')
+            ddp_model.train()
+            for update in range(step_in_epoch, updates_per_epoch):
+                if signalled(signals):
+                    args.stopped_by_signal = signal.Signals(signals.signum or signal.SIGTERM).name
+                    last_ckpt = checkpoint(epoch, update) or last_ckpt
+                    stop = True
+                    break
+                scheduler.step_update(num_updates=global_step)
+                loss_sum = torch.zeros((), device=device)
+                for micro_step in range(accum):
+                    images_now = next(batches).to(device, non_blocking=True)
+                    sync = micro_step == accum - 1 or ddp_model is model
+                    with nullcontext() if sync else ddp_model.no_sync():
+                        with autocast:
+                            loss = ddp_model(images_now)
+                        scaler.scale(loss / accum).backward()
+                    loss_sum += loss.detach()
+                if args.clip_grad:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                steps_since_log += 1
+                steps_done += 1
+                end_of_epoch = update + 1 == updates_per_epoch
+                stop = global_step >= total_updates
+
+                if global_step % args.log_interval == 0 or steps_done == 1 or end_of_epoch or stop:
+                    loss_avg = loss_sum / accum
+                    if world > 1:
+                        dist.all_reduce(loss_avg, op=dist.ReduceOp.AVG if use_cuda else dist.ReduceOp.SUM)
+                        if not use_cuda:
+                            loss_avg /= world
+                    loss_value = loss_avg.item()
+                    if not math.isfinite(loss_value):
+                        raise FloatingPointError(f'Loss is {loss_value} at step {global_step}; stopping.')
+                    now = time.perf_counter()
+                    img_per_s = steps_since_log * args.batch_size / max(now - t_log, 1e-9)
+                    eta = (now - t_start) / steps_done * (total_updates - global_step)
+                    record = dict(step=global_step, epoch=epoch, loss=loss_value,
+                                  lr=optimizer.param_groups[0]['lr'], img_per_s=img_per_s, eta_s=eta,
+                                  time=time.time())
+                    if args.clip_grad:
+                        record['grad_norm'] = float(grad_norm)
+                    loggers.log(record)
+                    if pbar is not None:
+                        pbar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{record["lr"]:.2e}',
+                                         img_s=f'{img_per_s:.0f}',
+                                         eta=time.strftime('%H:%M:%S', time.gmtime(eta)) if eta < 86400
+                                         else f'{eta / 86400:.1f}d')
+                    t_log, steps_since_log = now, 0
+                if pbar is not None:
+                    pbar.update(1)
+
+                due = (global_step % args.ckpt_interval == 0
+                       or (args.ckpt_minutes and time.perf_counter() - t_ckpt >= 60 * args.ckpt_minutes))
+                if end_of_epoch:
+                    last_ckpt = checkpoint(epoch + 1, 0) or last_ckpt
+                elif due or stop:
+                    last_ckpt = checkpoint(epoch, update + 1) or last_ckpt
+                if end_of_epoch or due or stop:
+                    t_ckpt = time.perf_counter()
+                if stop:
+                    break
+            step_in_epoch = 0
+            if pbar is not None:
+                pbar.close()
 
     loggers.close()
-    finished = global_step >= args.epochs * updates_per_epoch
-    if finished and is_main and not args.no_export:
-        export_encoder(model, os.path.join(args.output, 'export'), args.model)
+    export = None
+    if is_main and not args.stopped_by_signal and not args.no_export:
+        export = os.path.join(args.output, 'export')
+        export_encoder(model, export, args.model)
+    if is_main:
+        _summary(args, model, record, global_step, args.epochs * updates_per_epoch, time.perf_counter() - t_start,
+                 steps_done,
+                 last_ckpt or latest_checkpoint(args.output), export)
     if world > 1:
         dist.barrier()
     if world > 1 and dist.is_initialized():
@@ -345,17 +432,68 @@ def train(args: argparse.Namespace) -> Optional[str]:
     return last_ckpt
 
 
-def export_checkpoint(args: argparse.Namespace) -> str:
-    """--export DIR: the encoder of --resume FILE (or the latest checkpoint in --output) -> DIR."""
+def _summary(args: argparse.Namespace, model: ArmPretrainer, record: Dict[str, Any], step: int, all_updates: int,
+             seconds: float, steps_done: int, checkpoint: Optional[str], export: Optional[str]) -> None:
+    """The closing lines: where the run stands, what it wrote, and what to run next."""
+    if args.stopped_by_signal:
+        how = f'stopped by {args.stopped_by_signal} at update {step} of {all_updates}'
+    elif step < all_updates:
+        how = f'stopped by --max-steps at update {step} of {all_updates}'
+    else:
+        how = f'finished ({step} updates, {args.epochs} epochs)'
+    rate = steps_done * args.batch_size / seconds if steps_done else 0.
+    lines = [f'Pretraining {how}: loss {record.get("loss", float("nan")):.4f}, {rate:.0f} img/s over this run.']
+    if checkpoint:
+        lines.append(f'  checkpoint: {checkpoint}  (the same command resumes from it)')
+    if export:
+        grid = model.encoder.patch_embed.grid_size
+        lines += [
+            f'  export:     {export}/model.safetensors + config.json ({args.model}, {args.img_size} px, '
+            f'{grid[0]}x{grid[1]} patches)',
+            '  fine-tune:  timm.create_model(\'local-dir:' + export + '\', pretrained=True, num_classes=N)',
+            f'              python train.py --device-modules timm_arm --model local-dir:{export} --pretrained '
+            f'--num-classes N --data-dir DATA',
+        ]
+    elif args.stopped_by_signal:
+        lines.append('  export:     none yet (written when the run completes; or: timm-arm-pretrain --output '
+                     f'{args.output} --export DIR)')
+    _logger.info('\n'.join(lines))
+
+
+def _load_trained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any], ArmPretrainer]:
+    """The checkpoint given by --resume (or the latest in --output), its state, and the model with its weights."""
     path = args.resume or latest_checkpoint(args.output)
     if not path:
-        raise SetupError(f'--export: no checkpoint given (--resume) or found in {args.output}.')
+        raise SetupError(f'no checkpoint given (--resume) or found in {args.output}.')
     try:
         state = load_checkpoint(path)
     except CheckpointError as e:
         raise SetupError(str(e)) from e
     model = _build_model(state['model_name'], state['img_size'], state['model_kwargs'])
     model.load_state_dict(state['model'])
+    return path, state, model
+
+
+def export_checkpoint(args: argparse.Namespace) -> str:
+    """--export DIR: the encoder of --resume FILE (or the latest checkpoint in --output) -> DIR."""
+    path, state, model = _load_trained(args)
     weights = export_encoder(model, args.export, state['model_name'])
     _logger.info(f'Exported the encoder of {path} to {weights}.')
     return weights
+
+
+def visualize_checkpoint(args: argparse.Namespace) -> str:
+    """--visualize FILE.png: images of --data-dir beside the next-cluster predictions of the checkpoint's model."""
+    from .visualize import visualize
+    if args.num_images < 1:
+        raise SetupError(f'--num-images must be >= 1, got {args.num_images}.')
+    try:
+        dataset = open_dataset(args.dataset, args.data_dir, split=args.train_split, check_images=args.check_images)
+    except DataError as e:
+        raise SetupError(str(e)) from e
+    path, _, model = _load_trained(args)
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    out = visualize(model, dataset, args.visualize, num_images=args.num_images, device=device)
+    _logger.info(f'Wrote {out}: {min(args.num_images, len(dataset))} images of {args.data_dir} (left) and the '
+                 f'next-cluster predictions of {path} (right).')
+    return out
