@@ -1,9 +1,11 @@
 """timm-arm-pretrain: resume exactness, crash-safe checkpoints, export into the classifier, logs, bad input."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -186,6 +188,66 @@ def test_visualize_writes_the_prediction_grid(image_folder, tmp_path):
         pred, _ = model.forward_pred(images)
     assert torch.allclose((shown[:, rest] - mean) / (var + model.norm_pix_eps).sqrt(), pred, atol=1e-4)
     assert main(['--output', str(tmp_path / 'none'), '--visualize', str(png), '--data-dir', image_folder]) == 2
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(image_folder, tmp_path):
+    """SIGTERM mid-run: a checkpoint at the next step boundary, exit 143; re-running the command ends with the
+    weights of an uninterrupted run."""
+    torch.set_num_threads(1)  # as the child process (OMP_NUM_THREADS=1): the same float sums
+    argv = ['--data-dir', image_folder, *MODEL, *FAST, '-b', '8', '--epochs', '40', '--ckpt-interval', '1000',
+            '--keep-last', '1', '--no-export']
+    full = tmp_path / 'full'
+    assert main([*argv, '--output', str(full)]) == 0
+    run = tmp_path / 'run'
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([sys.executable, '-m', 'timm_arm.pretrain', *argv, '--output', str(run)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = run / 'log.jsonl'
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count('\n') >= 2) and time.time() < deadline:
+        time.sleep(0.05)  # metrics from the first step on: wait for two logged steps
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert 'SIGTERM received' in output and 'stopped by SIGTERM' in output and 'Traceback' not in output
+    stopped = latest_checkpoint(str(run))
+    step = load_checkpoint(stopped)['global_step']
+    assert 2 <= step < 120 and not (run / 'export').exists()
+    assert main([*argv, '--output', str(run)]) == 0  # the same command resumes
+    a, b = _weights(latest_checkpoint(str(full))), _weights(latest_checkpoint(str(run)))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_max_steps_exports_and_time_checkpoints(image_folder, tmp_path, caplog):
+    caplog.set_level('INFO')
+    out = tmp_path / 'out'
+    assert main(['--data-dir', image_folder, '--output', str(out), *MODEL, *FAST, '-b', '8', '--epochs', '5',
+                 '--max-steps', '4', '--ckpt-interval', '1000', '--ckpt-minutes', '1e-9', '--keep-last', '10']) == 0
+    # a checkpoint after every step: the time interval (a nanosecond here) is due at each step boundary
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == [
+        f'checkpoint-{s:08d}.pth' for s in (1, 2, 3, 4)]
+    assert (out / 'export' / 'model.safetensors').is_file()  # --max-steps ends like the last epoch: exported
+    summary = caplog.text[caplog.text.index('Pretraining stopped by --max-steps at update 4 of 15'):]
+    for text in (f'checkpoint: {out}/checkpoint-00000004.pth', f'export:     {out}/export/model.safetensors',
+                 f"timm.create_model('local-dir:{out}/export', pretrained=True, num_classes=N)"):
+        assert text in summary, text
+
+
+def test_keep_last_never_keeps_an_unreadable_checkpoint(image_folder, tmp_path):
+    """The newest checkpoint torn: resume falls back to the one before, and pruning keeps readable ones only."""
+    out = tmp_path / 'out'
+    argv = ['--data-dir', image_folder, '--output', str(out), *MODEL, *FAST, '-b', '8', '--epochs', '3',
+            '--ckpt-interval', '1', '--keep-last', '2', '--no-export']
+    assert main([*argv, '--max-steps', '2']) == 0
+    newest = out / 'checkpoint-00000002.pth'
+    with open(newest, 'r+b') as f:
+        f.truncate(newest.stat().st_size // 3)
+    (out / 'checkpoint-00000009.pth').write_bytes(b'not a checkpoint')  # a stray unreadable one above them all
+    assert main([*argv, '--max-steps', '3']) == 0
+    kept = list_checkpoints(str(out))
+    assert [os.path.basename(p) for p in kept] == ['checkpoint-00000002.pth', 'checkpoint-00000003.pth']
+    assert all(load_checkpoint(p)['global_step'] == s for p, s in zip(kept, (2, 3)))
+    assert (out / 'checkpoint-00000009.pth.unreadable').read_bytes() == b'not a checkpoint'  # set aside, not lost
 
 
 def test_config_file(image_folder, tmp_path):

@@ -61,14 +61,33 @@ def list_checkpoints(folder: str) -> List[str]:
     return [p for _, p in sorted(found)]
 
 
+def _readable(path: str) -> bool:
+    try:
+        torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        return True
+    except Exception:
+        return False
+
+
 def save_checkpoint(state: Dict[str, Any], folder: str, step: int, keep_last: int = 3) -> str:
-    """Write checkpoint-{step}.pth atomically, then delete all but the newest `keep_last` checkpoints."""
+    """Write checkpoint-{step}.pth atomically, then keep the newest `keep_last` readable checkpoints.
+
+    Older readable ones are deleted; an unreadable one is never counted among those kept: it is renamed to
+    `<name>.unreadable` (set aside, not deleted), so a torn or truncated file cannot push a good one out.
+    """
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, _NAME.format(step))
     atomic_save(state, path)
     if keep_last > 0:
-        for old in list_checkpoints(folder)[:-keep_last]:
-            os.remove(old)
+        kept = 0
+        for old in reversed(list_checkpoints(folder)):
+            if old != path and not _readable(old):
+                _logger.warning(f'Unreadable checkpoint {old} set aside as {old}.unreadable')
+                os.replace(old, old + '.unreadable')
+            elif kept < keep_last:
+                kept += 1
+            else:
+                os.remove(old)
     return path
 
 

@@ -12,6 +12,7 @@ Every flag can be set in a YAML file (--config), with underscores: `batch_size: 
 """
 import argparse
 import logging
+import signal
 import sys
 from typing import List, Optional
 
@@ -119,6 +120,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             visualize_checkpoint(args)
         else:
             train(args)
+            if args.stopped_by_signal:  # checkpoint written; the shell convention for a signalled process
+                return 128 + signal.Signals[args.stopped_by_signal].value
     except SetupError as e:
         print(f'timm-arm-pretrain: error: {e}', file=sys.stderr)
         return 2
