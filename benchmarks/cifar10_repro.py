@@ -336,7 +336,7 @@ def main() -> int:
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         parser.error(f'unknown steps {unknown}; choose from {STEPS}')
-    if not args.commit:
+    if not args.commit:  # the copy a GPU machine runs has no git history: pass --commit / TIMM_ARM_COMMIT there
         args.commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
                                      cwd=REPO).stdout.strip() or 'unknown'
     exp = Experiment(args)

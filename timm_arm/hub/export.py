@@ -463,7 +463,10 @@ def convert(
     model_id, cfg = _resolve_name(model_name, info, file, img_size_given='img_size' in (model_kwargs or {}))
     model, kwargs = _build(model_id, cfg, info, model_kwargs or {}, file)
     _load_strict(model, state_dict, file, info)
-    if info.is_encoder:  # config.json describes the shape only, so timm builds the classifier from it
+    # config.json's model_args describe the shape only (an encoder's too, so timm builds the classifier from it);
+    # timm >= 1.0.31 also records the factory's arguments on the model, older versions take them as given here
+    model_args = {k: v for k, v in kwargs.items() if k not in ENCODER_FORM}
+    if hasattr(model, '_model_args'):
         model._model_args = {k: v for k, v in model._model_args.items() if k not in ENCODER_FORM}
     repo_id = repo_id or cfg.get('hf_hub_id') or f'{HUB_ORG}/{model_id}'
     source_sha256 = sha256_file(file)
@@ -475,7 +478,8 @@ def convert(
         conversion = dict(
             tool=f'timm-arm-hub {__version__}', source=file.name, source_sha256=source_sha256,
             entry=taken or None, layout=info.layout, form='encoder' if info.is_encoder else 'classifier')
-        save_for_hf(model, tmp, safe_serialization=True, model_config={'conversion': conversion})
+        save_for_hf(model, tmp, safe_serialization=True, model_config={'conversion': conversion},
+                    model_args=model_args)
         written_cfg = json.loads((tmp / 'config.json').read_text())['pretrained_cfg']  # the data config as saved
         card = model_card(model, model_id, repo_id, info, written_cfg, file.name, source_sha256, taken,
                           template=template, dataset=dataset, metrics=metrics, recipes=recipes)
