@@ -24,10 +24,11 @@ import timm_arm  # noqa: F401
 from _timing import cuda_median_ms
 from timm_arm.ops import causal_conv1d_silu, selective_scan
 
-PAIRS = {
-    'base': ('vit_base_patch16_224', 'arm_mamba_base', 128),
-    'large': ('vit_large_patch16_224', 'arm_mamba_large', 64),
-    'huge': ('vit_huge_patch14_224', 'arm_mamba_huge', 64),
+PAIRS = {  # size: (ViT, its kwargs, ARM, training batch, image size)
+    'base': ('vit_base_patch16_224', {}, 'arm_mamba_base', 128, 224),
+    'large': ('vit_large_patch16_224', {}, 'arm_mamba_large', 64, 224),
+    'huge': ('vit_huge_patch14_224', {}, 'arm_mamba_huge', 64, 224),
+    'tiny32': ('vit_tiny_patch16_224', dict(img_size=32, patch_size=4), 'arm_mamba_tiny_patch4_32', 512, 32),
 }
 
 
@@ -61,16 +62,16 @@ def naive(model):
     return model
 
 
-def measure(name, model, infer_batch, train_batch, iters, warmup):
+def measure(name, model, infer_batch, train_batch, iters, warmup, img_size=224):
     model = model.cuda()
-    row = dict(model=name, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1))
+    row = dict(model=name, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1), img_size=img_size)
     model.eval()
-    x = torch.randn(infer_batch, 3, 224, 224, device='cuda')
+    x = torch.randn(infer_batch, 3, img_size, img_size, device='cuda')
     with torch.inference_mode(), torch.autocast('cuda', torch.bfloat16):
         row['infer_img_s'] = infer_batch / (cuda_median_ms(lambda: model(x), iters, warmup) / 1000)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randn(train_batch, 3, 224, 224, device='cuda')
+    x = torch.randn(train_batch, 3, img_size, img_size, device='cuda')
     y = torch.randint(0, 1000, (train_batch,), device='cuda')
 
     def step():
@@ -146,13 +147,14 @@ def main():
     torch.backends.cudnn.allow_tf32 = True
     rows, ratios = [], []
     for size in args.models.split(','):
-        vit_name, arm_name, train_batch = PAIRS[size]
-        vit = measure(vit_name, timm.create_model(vit_name), args.infer_batch, train_batch, args.iters, args.warmup)
+        vit_name, vit_kwargs, arm_name, train_batch, img_size = PAIRS[size]
+        vit = measure(vit_name, timm.create_model(vit_name, **vit_kwargs), args.infer_batch, train_batch, args.iters,
+                      args.warmup, img_size)
         rows.append(vit)
         for i, backend in enumerate(backends):
             timm_arm.set_backend(backend)
             row = measure(f'{arm_name} [{backend}]', timm.create_model(arm_name), args.infer_batch, train_batch,
-                          args.iters, args.warmup)
+                          args.iters, args.warmup, img_size)
             row['backend'] = backend
             rows.append(row)
             arm = row if i == 0 else arm
@@ -167,7 +169,7 @@ def main():
                            train=arm['train_img_s'] / vit['train_img_s'],
                            memory=arm['train_peak_gib'] / vit['train_peak_gib']))
     device = torch.cuda.get_device_name()
-    print(f'device: {device}, torch {torch.__version__}, timm {timm.__version__}, bf16 autocast, 224 px')
+    print(f'device: {device}, torch {torch.__version__}, timm {timm.__version__}, bf16 autocast')
     print(f"{'model':<34}{'params M':>9}{'infer img/s':>13}{'train img/s':>13}{'train GiB':>11}")
     for r in rows:
         print(f"{r['model']:<34}{r['params_m']:>9.1f}{r['infer_img_s']:>13.0f}{r['train_img_s']:>13.0f}"
