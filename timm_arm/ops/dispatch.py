@@ -26,7 +26,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from .causal_conv1d import causal_conv1d_silu_cuda, causal_conv1d_silu_torch
 from .selective_scan import selective_scan_cuda_fn, selective_scan_torch
@@ -134,12 +133,7 @@ def selective_scan(
         D = D.float() if D is not None else None
         delta_bias = delta_bias.float() if delta_bias is not None else None
         return selective_scan_cuda_fn(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus)
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:-1]):
-        # the PyTorch scan materialises (b, D, L, N) states: keep only its inputs for backward and recompute
-        # the rest, so that memory stays at the size of the activations, as with the CUDA kernel
-        return torch.utils.checkpoint.checkpoint(selective_scan_torch, *args, use_reentrant=False)
-    return selective_scan_torch(*args)
+    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def causal_conv1d_silu(

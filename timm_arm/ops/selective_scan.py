@@ -10,9 +10,10 @@ Shapes, as in mamba-ssm's ``selective_scan_fn``:
     h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
     y_t    = <h_t, C_t> + D * u_t,   y_t *= silu(z_t)      (when z is given)
 
-Two implementations live here: the plain-PyTorch one (any device, autograd, fp32 state) and the
-mamba-ssm CUDA kernel wrapper. ``timm_arm.ops.dispatch`` picks between them.
+Three implementations live here: the plain-PyTorch one (any device, fp32 state, its own backward), the literal
+step-by-step reference it is tested against, and the mamba-ssm CUDA kernel wrapper. ``timm_arm.ops.dispatch`` picks between them.
 """
+import math
 from typing import Optional
 
 import torch
@@ -42,11 +43,90 @@ def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: Optional[torch.Tensor], 
     return y.to(u.dtype)
 
 
-def _time_major(x: torch.Tensor, num_chunks: int, chunk_size: int) -> torch.Tensor:
-    """(b, C, L) -> (T, chunks, b, C), zero-padded to chunks * T steps; position = chunk * T + t."""
-    batch, channels, seqlen = x.shape
-    x = F.pad(x, (0, num_chunks * chunk_size - seqlen))
-    return x.view(batch, channels, num_chunks, chunk_size).permute(3, 2, 0, 1)
+def _time_major(x: torch.Tensor, groups: int, last: bool) -> torch.Tensor:
+    """(b, G * n, L) -> (L, b, G, n, 1) if last else (L, b, G, 1, n), contiguous: one step is one slice."""
+    batch, _, seqlen = x.shape
+    x = x.reshape(batch, groups, -1, seqlen).permute(3, 0, 1, 2)
+    return (x.unsqueeze(-1) if last else x.unsqueeze(-2)).contiguous()
+
+
+def _run_steps(h, x, delta, A, B, C=None, y=None, states=None) -> None:
+    """h <- exp(delta_t A) h + x_t B_t for the steps of x, in place; y_t = <h, C_t>; states collects h before each
+    step. Every temporary lives in two preallocated buffers (allocations cost as much as the arithmetic here).
+
+    h: (b, G, d_g, N); per step x, delta, y: (b, G, d_g, 1); B, C: (b, G, 1, N).
+    """
+    decay, product = torch.empty_like(h), torch.empty_like(h)
+    for t in range(x.shape[0]):
+        if states is not None:
+            states.append(h.clone())
+        torch.mul(delta[t], A, out=decay).exp_()
+        h.mul_(decay).addcmul_(x[t], B[t])
+        if y is not None:
+            torch.sum(torch.mul(h, C[t], out=product), dim=-1, keepdim=True, out=y[t])
+
+
+class _SequentialScan(torch.autograd.Function):
+    """y = scan(u, delta, A, B, C) (delta after bias and softplus; no D, no gate), fp32, forward and backward
+    written out. The state of one step (b, D, N) stays in the CPU's caches: one pass over it per operation and
+    step, where a parallel scan would stream (b, D, L, N) tensors through memory several times. Backward keeps
+    the inputs and the state at every segment start, re-runs each segment's steps, then walks it in reverse."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        batch, dim, seqlen = u.shape
+        groups, d_state = B.shape[1], B.shape[2]
+        segment = math.isqrt(seqlen) + 1
+        A_g = A.view(groups, dim // groups, d_state)
+        x, dl = _time_major(delta * u, groups, True), _time_major(delta, groups, True)
+        B_t, C_t = _time_major(B.flatten(1, 2), groups, False), _time_major(C.flatten(1, 2), groups, False)
+        h = u.new_zeros(batch, groups, dim // groups, d_state)
+        y = u.new_empty(seqlen, batch, groups, dim // groups, 1)
+        starts = []
+        for s in range(0, seqlen, segment):
+            if ctx.needs_input_grad is not None and any(ctx.needs_input_grad):
+                starts.append(h.clone())
+            e = s + segment
+            _run_steps(h, x[s:e], dl[s:e], A_g, B_t[s:e], C_t[s:e], y[s:e])
+        ctx.save_for_backward(u, delta, A, B, C, *starts)
+        ctx.segment = segment
+        return y.squeeze(-1).permute(1, 2, 3, 0).reshape(batch, dim, seqlen)
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, *starts = ctx.saved_tensors
+        batch, dim, seqlen = u.shape
+        groups, d_state = B.shape[1], B.shape[2]
+        A_g = A.view(groups, dim // groups, d_state)
+        x, dl = _time_major(delta * u, groups, True), _time_major(delta, groups, True)
+        B_t, C_t = _time_major(B.flatten(1, 2), groups, False), _time_major(C.flatten(1, 2), groups, False)
+        dy = _time_major(dy.float(), groups, True)
+        g = torch.zeros_like(starts[0])  # dL / dh of the step being walked
+        decay, d_exponent, product = torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+        dx, d_dl = torch.empty_like(x), torch.empty_like(dl)
+        dB, dC = torch.empty_like(B_t), torch.empty_like(C_t)
+        dA = torch.zeros_like(g)  # summed over the batch at the end
+        for i in reversed(range(len(starts))):
+            s, e = i * ctx.segment, min(seqlen, (i + 1) * ctx.segment)
+            states = []  # states[j]: the state before step s + j; then the state after the segment's last step
+            h = starts[i].clone()
+            _run_steps(h, x[s:e], dl[s:e], A_g, B_t[s:e], states=states)
+            states.append(h)
+            for t in reversed(range(s, e)):
+                h_t, h_prev = states[t - s + 1], states[t - s]
+                g.addcmul_(dy[t], C_t[t])  # y_t = <h_t, C_t>
+                torch.sum(torch.mul(h_t, dy[t], out=product), dim=-2, keepdim=True, out=dC[t])
+                torch.sum(torch.mul(g, B_t[t], out=product), dim=-1, keepdim=True, out=dx[t])  # h_t = ... + x_t B_t
+                torch.sum(torch.mul(g, x[t], out=product), dim=-2, keepdim=True, out=dB[t])
+                torch.mul(dl[t], A_g, out=decay).exp_()
+                torch.mul(g, h_prev, out=d_exponent).mul_(decay)  # d / d(delta_t A) of h_t = exp(delta_t A) h_(t-1)
+                torch.sum(torch.mul(d_exponent, A_g, out=product), dim=-1, keepdim=True, out=d_dl[t])
+                dA.addcmul_(d_exponent, dl[t])
+                g.mul_(decay)
+        dx = dx.squeeze(-1).permute(1, 2, 3, 0).reshape(batch, dim, seqlen)
+        d_delta = d_dl.squeeze(-1).permute(1, 2, 3, 0).reshape(batch, dim, seqlen) + dx * u
+        return (dx * delta, d_delta, dA.sum(0).reshape(dim, d_state), dB.squeeze(-2).permute(1, 2, 3, 0),
+                dC.squeeze(-2).permute(1, 2, 3, 0))
 
 
 def selective_scan_torch(
@@ -59,58 +139,17 @@ def selective_scan_torch(
         z: Optional[torch.Tensor] = None,
         delta_bias: Optional[torch.Tensor] = None,
         delta_softplus: bool = False,
-        chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Chunked parallel selective scan in plain PyTorch (fp32 state, differentiable by autograd).
+    """Selective scan in plain PyTorch (any device, fp32 state), one step at a time on a cache-sized state.
 
-    The sequence is cut into chunks of T steps. All chunks are scanned at once from a zero state
-    (T vectorised steps), the chunk-end states are carried across chunks (L/T steps), then every position
-    adds the carried state times the decay accumulated since its chunk started. Each decay factor is a
-    product of exp(delta * A) <= 1, so nothing overflows. About 2*sqrt(L) steps replace the L steps of a
-    sequential loop. The state is laid out (T, chunks, b, N, G, d_g) so that every step works on one
-    contiguous slice and broadcasts run along the long channel axis.
+    The recurrence itself is one autograd node with its backward written out (``_SequentialScan``): it keeps only
+    its inputs and the states at about sqrt(L) segment starts, as the CUDA kernels keep only their inputs. Bias,
+    softplus, the D skip and the gate are ordinary autograd ops around it.
     """
     batch, dim, seqlen = u.shape
-    groups, d_state = B.shape[1], A.shape[1]
-    _check_groups(dim, groups)
-    T = chunk_size or max(1, int(round(seqlen ** 0.5)))
-    num_chunks = -(-seqlen // T)
+    _check_groups(dim, B.shape[1])
     delta = _discretised_delta(delta, delta_bias, delta_softplus)
-    # padded steps get delta = 0 (decay 1, input 0): after the sequence end they change nothing before it
-    lead = (T, num_chunks, batch)
-    delta_t = _time_major(delta, num_chunks, T).reshape(lead + (1, groups, dim // groups))
-    delta_u = _time_major(delta * u.float(), num_chunks, T).reshape(lead + (1, groups, dim // groups))
-    B_t = _time_major(B.float().flatten(1, 2), num_chunks, T).reshape(lead + (groups, d_state)).transpose(-1, -2)
-    C_t = _time_major(C.float().flatten(1, 2), num_chunks, T).reshape(lead + (groups, d_state)).transpose(-1, -2)
-    A_t = A.float().view(groups, dim // groups, d_state).permute(2, 0, 1)  # (N, G, d_g)
-
-    # 1) scan inside every chunk from a zero state, all chunks at once, reading out <h, C> as we go and tracking
-    #    the decay since the chunk start. unbind, not indexing: its backward is one stack, not a zero-filled full
-    #    tensor per step; no (b, D, L, N) tensor is ever stacked.
-    decay = (delta_t * A_t).exp().unbind(0)
-    steps = (delta_u * B_t.unsqueeze(-1)).unbind(0)
-    C_steps = C_t.unsqueeze(-1).unbind(0)
-    state, decay_since_start = steps[0], decay[0]
-    y_local, decays = [(state * C_steps[0]).sum(2)], [decay_since_start]
-    for t in range(1, T):
-        state = decay[t] * state + steps[t]
-        decay_since_start = decay[t] * decay_since_start
-        y_local.append((state * C_steps[t]).sum(2))
-        decays.append(decay_since_start)
-
-    # 2) carry the chunk-end states across chunks
-    chunk_decay, chunk_end = decay_since_start.unbind(0), state.unbind(0)
-    carry = torch.zeros_like(chunk_end[0])
-    carries = []
-    for c in range(num_chunks):
-        carries.append(carry)
-        carry = chunk_decay[c] * carry + chunk_end[c]
-    carries = torch.stack(carries)  # state entering each chunk: (chunks, b, N, G, d_g)
-
-    # 3) every position adds the carried state decayed to it: y_t += <decay_t * carry, C_t>
-    y = torch.stack([y_local[t] + (decays[t] * carries * C_steps[t]).sum(2) for t in range(T)])  # (T, chunks, b, G, dg)
-    y = y.reshape(T, num_chunks * batch * dim).t().reshape(num_chunks, batch, dim, T)
-    y = y.permute(1, 2, 0, 3).reshape(batch, dim, num_chunks * T)[..., :seqlen]
+    y = _SequentialScan.apply(u.float(), delta, A.float(), B.float(), C.float())
     return _skip_and_gate(y, u, D, z)
 
 
