@@ -15,13 +15,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 import timm
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from safetensors.torch import load_file, save_file
 
 from reference_impl import reference_forward, to_reference_layout
-from timm_arm.hub import ENCODER_FORM, HubError, convert, main, publish, verify
+from timm_arm.hub import ENCODER_FORM, HubError, convert, main, publish, read_checkpoint, verify
 from timm_arm.models import checkpoint_filter_fn
 from timm_arm.models.arm_mamba import HUB_ORG
 
@@ -208,7 +209,7 @@ torch.save(out, sys.argv[2])
     out = torch.load(tmp_path / 'out.pt')
 
     source = timm.create_model('arm_mamba_tiny', **SMALL)
-    source.load_state_dict(checkpoint_filter_fn(torch.load(published.sources['ft'])['model'], source))
+    source.load_state_dict(checkpoint_filter_fn(read_checkpoint(published.sources['ft'], 'model')[0], source))
     with torch.no_grad():
         expected = source.eval()(x)
         literal = reference_forward(published.ft['model'], x, 8)
@@ -278,6 +279,43 @@ def test_convert_our_own_checkpoints(tmp_path, capsys):
         weights = load_file(out / 'model.safetensors')
         assert all(torch.equal(weights[k], v) for k, v in reference.state_dict().items()), src.name
     assert verify(out, export, log=lambda msg: None) == 0.0
+
+
+def test_convert_a_train_py_run_by_itself(tmp_path, capsys):
+    """A train.py output folder: the model, its geometry (patch 8 at 32 px) and its data config (crop 1.0, bilinear)
+    come from the checkpoint and args.yaml, without --model or --model-kwargs; --ema takes train.py's EMA entry."""
+    model, ema = _classifier(num_classes=10), _classifier(num_classes=10)
+    run = tmp_path / 'train' / 'run'
+    run.mkdir(parents=True)
+    torch.save({'epoch': 29, 'arch': 'arm_mamba_tiny', 'args': argparse.Namespace(model='arm_mamba_tiny'),
+                'state_dict': model.state_dict(), 'state_dict_ema': ema.state_dict()}, run / 'last.pth.tar')
+    (run / 'args.yaml').write_text(yaml.safe_dump(dict(
+        model='arm_mamba_tiny.untrained', model_kwargs=dict(embed_dim=32, depth=2), num_classes=10, crop_pct=1.0,
+        interpolation='bilinear', mean=None, std=None, img_size=None)))
+    for argv, reference in (([], model), (['--ema'], ema)):
+        out = tmp_path / f'out{len(argv)}'
+        rc, _, err = _run(['convert', run / 'last.pth.tar', out, *argv], capsys)
+        assert rc == 0, err
+        weights = load_file(out / 'model.safetensors')
+        assert all(torch.equal(weights[k], v) for k, v in reference.state_dict().items())
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'arm_mamba_tiny' and config['model_args']['patch_size'] == 8
+    cfg = config['pretrained_cfg']
+    assert (cfg['input_size'], cfg['crop_pct'], cfg['interpolation'], cfg['num_classes']) == (
+        [3, 32, 32], 1.0, 'bilinear', 10)
+    card = (out / 'README.md').read_text()
+    assert '# Model card for arm_mamba_tiny\n' in card and 'untrained' not in card
+    assert "timm.create_model('hf-hub:timm-arm/arm_mamba_tiny', pretrained=True)" in card
+    assert 'No results were recorded' in card and 'ARM-B' not in card and '83.2' not in card  # no foreign results
+    assert 'crop 1.0' in card and 'bilinear' in card
+    local = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(local(x), ema(x), atol=1e-5)
+    # no args.yaml and no --model: an error that says what to do
+    (run / 'args.yaml').unlink()
+    rc, _, err = _run(['convert', run / 'last.pth.tar', tmp_path / 'none'], capsys)
+    assert rc == 2 and 'Pass --model' in err
 
 
 def test_existing_out_dir_refused_unless_overwrite(published, tmp_path, capsys):

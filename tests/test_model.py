@@ -1,4 +1,5 @@
 import argparse
+import time
 
 import pytest
 import torch
@@ -290,3 +291,39 @@ def test_scan_orders_cached_under_inference_mode_still_train():
     out.square().sum().backward()
     torch.testing.assert_close(out.detach(), expected)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_pretrained_unpublished_tag_fails_fast_offline(tmp_path, monkeypatch):
+    """pretrained=True on a registered tag whose weights are not in the (empty) cache, offline: an error in well
+    under a second naming the repo, the reason and the ways to get the weights, instead of Hub retries."""
+    from huggingface_hub import constants
+    from timm_arm.models._weights import PretrainedUnavailable
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(PretrainedUnavailable) as e:
+        timm.create_model('arm_mamba_huge', pretrained=True, device='meta')
+    assert time.perf_counter() - start < 1
+    message = str(e.value)
+    for text in ('arm_mamba_huge.arm_in1k', 'Hub repo timm-arm/arm_mamba_huge.arm_in1k', 'offline (HF_HUB_OFFLINE=1)',
+                 'timm-arm-hub convert CHECKPOINT out/arm_mamba_huge.arm_in1k', "local-dir:",
+                 "pretrained_cfg_overlay=dict(file='CHECKPOINT')"):
+        assert text in message, text
+
+
+def test_pretrained_file_problems_named_before_building(tmp_path):
+    model = timm.create_model('arm_mamba_tiny', **SMALL)
+    weights = tmp_path / 'w.safetensors'
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    torn = tmp_path / 'torn.safetensors'
+    torn.write_bytes(weights.read_bytes()[:100])
+    from timm_arm.models._weights import PretrainedUnavailable
+    for file, text in ((torn, 'torn.safetensors: not a readable safetensors file, truncated or corrupt'),
+                       (tmp_path / 'missing.pth', 'missing.pth: no such file')):
+        with pytest.raises(PretrainedUnavailable, match=text):
+            timm.create_model('arm_mamba_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **SMALL)
+    # another patch size: the filter's report, not a raw size mismatch from load_state_dict
+    with pytest.raises(RuntimeError, match=r'shape mismatch \(1\): patch_embed\.proj\.weight: checkpoint '
+                                           r'\(32, 3, 8, 8\) vs model \(32, 3, 4, 4\)'):
+        timm.create_model('arm_mamba_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+                          **dict(SMALL, patch_size=4))

@@ -266,6 +266,29 @@ def _fails(capsys, argv, match):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert match in err, err
+    assert err.count(match) == 1 and len(err.strip().splitlines()) == 1, err  # one line, printed once
+
+
+def test_bad_config_files(tmp_path, capsys):
+    """Config values are checked as the command line checks them; missing / malformed files named; one line each."""
+    cases = {
+        'amp_dtype: fp16\n': "amp_dtype: invalid choice 'fp16' (choose from 'bfloat16', 'float16', 'float32')",
+        'epochs: 100.0\n': 'epochs must be an integer, got 100.0',
+        'no_export: 1\n': 'no_export must be true or false, got 1',
+        'epochs: [1\n': 'is not valid YAML (line 2, column 1)',
+        '- a list\n': 'must map flag names to values, not hold a list',
+        'epochz: 3\n': 'unknown keys in',
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        config = tmp_path / f'{i}.yaml'
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            parse_args(['-c', str(config)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1], (text, err)
+    with pytest.raises(SystemExit):
+        parse_args(['-c', str(tmp_path / 'missing.yaml')])
+    assert 'missing.yaml: No such file or directory' in capsys.readouterr().err
 
 
 def test_bad_input(image_folder, tmp_path, capsys, monkeypatch):
@@ -299,6 +322,18 @@ def test_bad_input(image_folder, tmp_path, capsys, monkeypatch):
     _fails(capsys, ['--data-dir', image_folder, *other], 'is from another model')
     _fails(capsys, ['--data-dir', image_folder, *base, '--no-resume'], 'already holds checkpoints')
     _fails(capsys, ['--data-dir', image_folder, *base, '--resume', str(tmp_path / 'missing.pth')], 'no such file')
+    (tmp_path / 'zero.pth').write_bytes(b'')
+    _fails(capsys, ['--data-dir', image_folder, *base, '--resume', str(tmp_path / 'zero.pth')],
+           'zero.pth: the file is empty (0 bytes)')
+    (tmp_path / 'garbage.pth').write_bytes(b'not a checkpoint at all' * 8)
+    _fails(capsys, ['--data-dir', image_folder, *base, '--resume', str(tmp_path / 'garbage.pth')],
+           "garbage.pth: not a PyTorch checkpoint: neither torch.save's zip format nor a readable pickle")
+    good = latest_checkpoint(str(out))
+    (tmp_path / 'torn.pth').write_bytes(open(good, 'rb').read()[:4096])
+    _fails(capsys, ['--data-dir', image_folder, *base, '--resume', str(tmp_path / 'torn.pth')],
+           'torn.pth: truncated or corrupt checkpoint (incomplete zip archive')
+    if not torch.cuda.is_available():
+        _fails(capsys, ['--data-dir', image_folder, *base, '--device', 'cuda'], 'no CUDA device is available here')
     assert {f: os.path.getmtime(out / f) for f in os.listdir(out)} == before
 
 

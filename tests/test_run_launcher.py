@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from timm_arm.run import main
 
@@ -88,3 +89,29 @@ def test_train_recipe_checked_before_run(tmp_path, monkeypatch, recipe, extra, e
         assert not (tmp_path / 'ran').exists()
         main(['--no-check', *argv])
         assert (tmp_path / 'ran').exists()
+
+
+DEVICE_STAND_IN = """
+import sys
+from pathlib import Path
+Path(__file__).with_name('argv').write_text(' '.join(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the --device cpu default applies without a GPU')
+def test_scripts_by_name_and_cpu_device(tmp_path, monkeypatch, capsys):
+    """TIMM_SCRIPTS finds timm's scripts by name; without a GPU they get --device cpu unless a device is chosen."""
+    (tmp_path / 'validate.py').write_text(DEVICE_STAND_IN)
+    monkeypatch.setattr(sys, 'argv', ['timm-arm-run'])
+    monkeypatch.chdir(ROOT)  # the project folder: no validate.py here
+    with pytest.raises(SystemExit, match='set TIMM_SCRIPTS to a checkout'):
+        main(['validate.py'])
+    monkeypatch.setenv('TIMM_SCRIPTS', str(tmp_path))
+    main(['validate.py', '--model', 'arm_mamba_tiny'])
+    assert (tmp_path / 'argv').read_text() == '--model arm_mamba_tiny --device cpu'
+    assert 'adding --device cpu' in capsys.readouterr().err
+    main(['validate.py', '--device', 'cuda:1'])
+    assert (tmp_path / 'argv').read_text() == '--device cuda:1'
+    (tmp_path / 'other.py').write_text(DEVICE_STAND_IN)  # not one of timm's device scripts: left alone
+    main(['other.py', '--x'])
+    assert (tmp_path / 'argv').read_text() == '--x'

@@ -21,15 +21,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('convert', help='checkpoint (reference code or timm-arm) -> Hub-ready safetensors folder')
     p.add_argument('source', help='.pth / .safetensors checkpoint, or a folder with model.safetensors')
     p.add_argument('out_dir', help='folder to create (model.safetensors, config.json, README.md)')
-    p.add_argument('--model', required=True, metavar='NAME',
-                   help='arm_mamba_<size>[.<tag>]; without a tag: arm_in1k, arm_in1k_384 or arm_in1k_ar as the '
-                        'checkpoint fits')
+    p.add_argument('--model', default=None, metavar='NAME',
+                   help='arm_mamba_<size>[.<tag>]; without a tag: the tag that fits the checkpoint (form, size); '
+                        "default: the model of the train.py run whose args.yaml lies beside the checkpoint")
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='extra create_model arguments, e.g. embed_dim=32 depth=2')
     entry = p.add_mutually_exclusive_group()
     entry.add_argument('--entry', default=None, help="checkpoint entry to convert (default: 'model' / 'state_dict')")
-    entry.add_argument('--ema', action='store_const', dest='entry', const='model_ema',
-                       help="convert the EMA weights (the 'model_ema' entry)")
+    entry.add_argument('--ema', action='store_const', dest='entry', const='ema',
+                       help="convert the EMA weights ('model_ema', or timm train.py's 'state_dict_ema')")
     p.add_argument('--repo-id', default=None, help='Hub repo named in the model card (default: the tag\'s)')
     p.add_argument('--overwrite', action='store_true', help='replace OUT_DIR if it exists')
     p.add_argument('--no-verify', dest='verify', action='store_false',

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 import timm
 from timm.data import resolve_data_config
@@ -145,6 +146,18 @@ def _resolve_name(model_name: str, info: CheckpointInfo, file: Path, img_size_gi
     return arch, cfg.to_dict()
 
 
+def _train_run_args(file: Path) -> Dict[str, Any]:
+    """The args.yaml that timm's train.py writes beside its checkpoints, if there is one ({} otherwise)."""
+    path = file.parent / 'args.yaml'
+    if not path.is_file():
+        return {}
+    try:
+        run = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise HubError(path, f'unreadable training arguments ({_one_line(e)})') from None
+    return run if isinstance(run, dict) else {}
+
+
 def _build(model_id: str, cfg: Dict[str, Any], info: CheckpointInfo, model_kwargs: Dict[str, Any], file: Path):
     """The target model for the checkpoint: its size from the architecture (+ kwargs), the rest from the checkpoint."""
     kwargs = dict(model_kwargs)
@@ -165,6 +178,9 @@ def _build(model_id: str, cfg: Dict[str, Any], info: CheckpointInfo, model_kwarg
                                  f'patches of {info.patch_size}) but {model_id} is for {cfg_size[0]} px; choose the '
                                  f'matching tag, or pass --model-kwargs img_size=... to override')
         kwargs['img_size'] = info.img_size
+    kwargs.setdefault('patch_size', info.patch_size)  # the checkpoint's own geometry, as detected
+    if info.in_chans != 3:
+        kwargs.setdefault('in_chans', info.in_chans)
     if info.is_encoder:
         kwargs.update(ENCODER_FORM, num_classes=0)
     elif 'num_classes' not in kwargs and info.num_classes is not None:
@@ -442,10 +458,12 @@ def convert(
     Args:
         source: Checkpoint file or folder (see read_checkpoint).
         out_dir: Folder to create; an existing one is refused unless `overwrite`.
-        model_name: 'arm_mamba_<size>[.<tag>]'; without a tag, the one matching the checkpoint (arm_in1k,
-            arm_in1k_384 or arm_in1k_ar).
-        model_kwargs: Extra create_model kwargs (e.g. a non-standard size); img_size and num_classes default to
-            the checkpoint's.
+        model_name: 'arm_mamba_<size>[.<tag>]'; without a tag, the architecture's tag that matches the
+            checkpoint's form and image size, else the bare architecture. None: the model of the train.py run
+            whose args.yaml lies beside the checkpoint.
+        model_kwargs: Extra create_model kwargs (e.g. a non-standard size) over those of that args.yaml; img_size,
+            patch_size and num_classes default to the checkpoint's. The run's crop_pct, mean, std and
+            interpolation become the folder's data config.
         entry: Checkpoint entry to take ('model', 'model_ema', ...); default 'model' / 'state_dict'.
         repo_id: Hub repo named in the model card; default: the tag's hf_hub_id, else '<HUB_ORG>/<model>'.
         check: Verify the folder against the source before it is moved into place.
@@ -459,10 +477,21 @@ def convert(
     state_dict, file, taken = read_checkpoint(source, entry)
     info = describe_state_dict(state_dict, file)
     log(f'read {file}' + (f" (entry '{taken}')" if taken else '') + f': {info.summary()}')
+    run = _train_run_args(file)
+    if run:
+        log(f'read {file.parent / "args.yaml"}: the training run\'s model arguments and data config')
+    model_name = model_name or run.get('model') and split_model_name_tag(run['model'])[0]
+    if not model_name:
+        raise HubError(file, 'which model? Pass --model (no args.yaml of a train.py run beside the checkpoint)')
+    model_kwargs = {**(run.get('model_kwargs') or {}), **(model_kwargs or {})}
 
-    model_id, cfg = _resolve_name(model_name, info, file, img_size_given='img_size' in (model_kwargs or {}))
-    model, kwargs = _build(model_id, cfg, info, model_kwargs or {}, file)
+    model_id, cfg = _resolve_name(model_name, info, file, img_size_given='img_size' in model_kwargs)
+    model, kwargs = _build(model_id, cfg, info, model_kwargs, file)
     _load_strict(model, state_dict, file, info)
+    # the preprocessing the weights were trained with, where the run recorded it
+    data = {k: run[k] for k in ('crop_pct', 'mean', 'std', 'interpolation') if run.get(k) is not None}
+    if data:
+        model.pretrained_cfg = {**model.pretrained_cfg, **data}
     # config.json's model_args describe the shape only (an encoder's too, so timm builds the classifier from it);
     # timm >= 1.0.31 also records the factory's arguments on the model, older versions take them as given here
     model_args = {k: v for k, v in kwargs.items() if k not in ENCODER_FORM}

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import safetensors.torch
 import torch
 
+from timm_arm.serialization import UnreadableCheckpoint, load_weights_only
+
 __all__ = ['HubError', 'SAFE_GLOBALS', 'read_checkpoint', 'describe_state_dict', 'CheckpointInfo', 'sha256_file']
 
 # The only non-primitive classes a reference-code checkpoint pickles (its argparse training arguments).
@@ -67,37 +69,11 @@ def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
         raise HubError(path, f'not a readable safetensors file, truncated or corrupt ({reason})') from None
 
 
-def _unpickling_problem(e: Exception) -> str:
-    text = str(e)
-    m = re.search(r'Unsupported global: GLOBAL ([\w.]+)', text)
-    if m:
-        allowed = ', '.join(f'{c.__module__}.{c.__qualname__}' for c in SAFE_GLOBALS)
-        return (f'refused to unpickle {m.group(1)}: only tensors, plain containers and {allowed} are loaded '
-                f'(weights_only); this is not a checkpoint of the reference code or of timm-arm')
-    m = re.search(r'WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)', text, re.S)
-    detail = m.group(1) if m else text.splitlines()[0] if text else type(e).__name__
-    return f'not a PyTorch checkpoint, or a corrupt one (the weights-only unpickler stops at: {detail})'
-
-
 def _load_pickle(path: Path) -> Any:
-    with open(path, 'rb') as f:
-        head = f.read(4)
-    is_zip = head.startswith(b'PK\x03\x04')
-    if is_zip and not zipfile.is_zipfile(path):
-        raise HubError(path, 'truncated or corrupt checkpoint (incomplete zip archive)')
-    # torch's safe_globals() context removes its globals on exit even if they were allow-listed before (as
-    # timm_arm's __init__ does for argparse.Namespace): add only what is missing
-    missing = [g for g in SAFE_GLOBALS if g not in torch.serialization.get_safe_globals()]
     try:
-        with torch.serialization.safe_globals(missing) if missing else contextlib.nullcontext():
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as e:
-        raise HubError(path, _unpickling_problem(e)) from None
-    except (EOFError, RuntimeError, OSError, ValueError, zipfile.BadZipFile) as e:
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, EOFError) or 'EOF' in text or 'zip archive' in text:
-            raise HubError(path, f'truncated or corrupt checkpoint ({text})') from None
-        raise HubError(path, f'unreadable checkpoint ({type(e).__name__}: {text})') from None
+        return load_weights_only(path, SAFE_GLOBALS, mmap=True)
+    except UnreadableCheckpoint as e:
+        raise HubError(path, e.problem) from None
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -109,7 +85,8 @@ def read_checkpoint(path: Any, entry: Optional[str] = None) -> Tuple[Dict[str, t
 
     Args:
         path: A .pth / .pt / .bin / .safetensors file, or a folder with model.safetensors (or pytorch_model.bin).
-        entry: Which entry of a training checkpoint to take ('model', 'model_ema', 'state_dict', ...). Default:
+        entry: Which entry of a training checkpoint to take ('model', 'model_ema', 'state_dict', ...; 'ema' for
+            'model_ema' or 'state_dict_ema', whichever the file has). Default:
             the first of 'model', 'state_dict', or the whole file if it is a bare state dict.
 
     Returns:
@@ -126,6 +103,8 @@ def read_checkpoint(path: Any, entry: Optional[str] = None) -> Tuple[Dict[str, t
     if not isinstance(obj, dict):
         raise HubError(file, f'not a checkpoint: it holds a {type(obj).__name__}, not a dict of tensors')
     taken = ''
+    if entry == 'ema':  # the reference code's EMA entry, or timm train.py's
+        entry = next((k for k in ('model_ema', 'state_dict_ema') if k in obj), 'model_ema')
     if entry:
         if entry not in obj:
             keys = ', '.join(map(str, list(obj)[:12]))

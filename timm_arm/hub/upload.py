@@ -127,6 +127,10 @@ def publish(
         repo_id, operations=operations, revision=revision,
         commit_message=commit_message or f'Upload {", ".join(upload)} with timm-arm-hub')
     log(f'uploaded {len(upload)} file(s) to {target}: {getattr(info, "commit_url", info)}')
+    oid = getattr(info, 'oid', None)
+    if oid:
+        log(f"pin it: HUB_REVISIONS['{repo_id.split('/')[-1]}'] = '{oid}' in timm_arm/models/arm_mamba.py "
+            f"(hf_hub_id {repo_id}@{oid})")
     return upload
 
 

@@ -31,16 +31,28 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from timm_arm.ops import add_layer_norm, mixer, mixer_core, swiglu_mlp
+from ._weights import check_pretrained_source
 
 # they dispatch on the tensors' device: leaf calls for FX
 register_notrace_function(swiglu_mlp)
 register_notrace_function(add_layer_norm)
 
-__all__ = ['ArmMamba', 'MultiDirectionMamba', 'ArmBlock', 'scan_orders', 'resample_pos_embed', 'HUB_ORG']
+__all__ = ['ArmMamba', 'MultiDirectionMamba', 'ArmBlock', 'scan_orders', 'resample_pos_embed', 'HUB_ORG',
+           'HUB_REVISIONS']
 
 _logger = logging.getLogger(__name__)
 
 HUB_ORG = 'timm-arm'  # Hugging Face organisation that holds the published weights
+
+# Hub commit of each published tag's upload (`timm-arm-hub publish` prints it): a tag loads exactly those files,
+# whatever is pushed to its repo later. No tag is published yet.
+HUB_REVISIONS: Dict[str, str] = {}
+
+
+def _hub_id(name: str) -> str:
+    """hf_hub_id of a tag: '<HUB_ORG>/<name>', pinned to its published revision ('...@<sha>') once there is one."""
+    revision = HUB_REVISIONS.get(name)
+    return f'{HUB_ORG}/{name}' + (f'@{revision}' if revision else '')
 
 
 @lru_cache(maxsize=64)
@@ -614,10 +626,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ArmMamba) -> Dict[st
 
     missing = [k for k in target if k not in out]
     unexpected = [k for k in out if k not in target]
+    def adapted_by_timm(k: str) -> bool:  # timm adapts the classifier and the input channels after this filter
+        if k.startswith('head.'):
+            return True
+        return k == 'patch_embed.proj.weight' and out[k].shape[0] == target[k].shape[0] \
+            and out[k].shape[2:] == target[k].shape[2:]
+
     mismatched = [
         f'{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(target[k].shape)}' for k in out
-        if k in target and out[k].shape != target[k].shape and not k.startswith('head.')
-        and k != 'patch_embed.proj.weight']  # timm adapts the classifier and in_chans after this filter
+        if k in target and out[k].shape != target[k].shape and not adapted_by_timm(k)]
     if missing or unexpected or mismatched:
         lines = []
         for title, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
@@ -630,6 +647,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ArmMamba) -> Dict[st
 
 
 def _create_arm_mamba(variant: str, pretrained: bool = False, **kwargs) -> ArmMamba:
+    if pretrained:
+        check_pretrained_source(variant, kwargs)
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
         ArmMamba,
@@ -675,18 +694,18 @@ def _cifar_cfg(**kwargs) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs({
     'arm_mamba_tiny.untrained': _cfg(),
     'arm_mamba_small.untrained': _cfg(),
-    'arm_mamba_tiny_patch4_32.arm_cifar10': _cifar_cfg(hf_hub_id=f'{HUB_ORG}/arm_mamba_tiny_patch4_32.arm_cifar10'),
+    'arm_mamba_tiny_patch4_32.arm_cifar10': _cifar_cfg(hf_hub_id=_hub_id('arm_mamba_tiny_patch4_32.arm_cifar10')),
     'arm_mamba_tiny_patch4_32.arm_cifar10_ar': _cifar_cfg(
-        hf_hub_id=f'{HUB_ORG}/arm_mamba_tiny_patch4_32.arm_cifar10_ar', num_classes=0),
-    'arm_mamba_base.arm_in1k': _cfg(hf_hub_id=f'{HUB_ORG}/arm_mamba_base.arm_in1k'),
-    'arm_mamba_base.arm_in1k_ar': _ar_cfg(hf_hub_id=f'{HUB_ORG}/arm_mamba_base.arm_in1k_ar'),
-    'arm_mamba_large.arm_in1k': _cfg(hf_hub_id=f'{HUB_ORG}/arm_mamba_large.arm_in1k'),
-    'arm_mamba_large.arm_in1k_ar': _ar_cfg(hf_hub_id=f'{HUB_ORG}/arm_mamba_large.arm_in1k_ar'),
-    'arm_mamba_huge.arm_in1k': _cfg(hf_hub_id=f'{HUB_ORG}/arm_mamba_huge.arm_in1k'),
+        hf_hub_id=_hub_id('arm_mamba_tiny_patch4_32.arm_cifar10_ar'), num_classes=0),
+    'arm_mamba_base.arm_in1k': _cfg(hf_hub_id=_hub_id('arm_mamba_base.arm_in1k')),
+    'arm_mamba_base.arm_in1k_ar': _ar_cfg(hf_hub_id=_hub_id('arm_mamba_base.arm_in1k_ar')),
+    'arm_mamba_large.arm_in1k': _cfg(hf_hub_id=_hub_id('arm_mamba_large.arm_in1k')),
+    'arm_mamba_large.arm_in1k_ar': _ar_cfg(hf_hub_id=_hub_id('arm_mamba_large.arm_in1k_ar')),
+    'arm_mamba_huge.arm_in1k': _cfg(hf_hub_id=_hub_id('arm_mamba_huge.arm_in1k')),
     'arm_mamba_huge.arm_in1k_384': _cfg(
-        hf_hub_id=f'{HUB_ORG}/arm_mamba_huge.arm_in1k_384', input_size=(3, 384, 384), pool_size=(24, 24),
+        hf_hub_id=_hub_id('arm_mamba_huge.arm_in1k_384'), input_size=(3, 384, 384), pool_size=(24, 24),
         crop_pct=1.0),
-    'arm_mamba_huge.arm_in1k_ar': _ar_cfg(hf_hub_id=f'{HUB_ORG}/arm_mamba_huge.arm_in1k_ar'),
+    'arm_mamba_huge.arm_in1k_ar': _ar_cfg(hf_hub_id=_hub_id('arm_mamba_huge.arm_in1k_ar')),
 })
 
 

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from timm_arm.serialization import UnreadableCheckpoint, load_weights_only
+
 __all__ = ['atomic_save', 'save_checkpoint', 'list_checkpoints', 'latest_checkpoint', 'load_checkpoint',
            'rng_state', 'set_rng_state', 'CheckpointError']
 
@@ -63,9 +65,9 @@ def list_checkpoints(folder: str) -> List[str]:
 
 def _readable(path: str) -> bool:
     try:
-        torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        load_weights_only(path, mmap=True)
         return True
-    except Exception:
+    except UnreadableCheckpoint:
         return False
 
 
@@ -93,9 +95,9 @@ def save_checkpoint(state: Dict[str, Any], folder: str, step: int, keep_last: in
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f'Cannot read checkpoint {path!r}: {e}') from e
+        state = load_weights_only(path)
+    except UnreadableCheckpoint as e:
+        raise CheckpointError(f'Cannot read checkpoint {path}: {e.problem}') from None
     if not isinstance(state, dict) or 'model' not in state:
         raise CheckpointError(f'{path!r} is not a timm-arm pretraining checkpoint (no "model" entry).')
     return state
@@ -105,11 +107,10 @@ def latest_checkpoint(folder: str) -> Optional[str]:
     """Newest readable checkpoint in `folder` (an unreadable newest one is skipped with its name reported)."""
     for path in reversed(list_checkpoints(folder)):
         try:
-            torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+            load_weights_only(path, mmap=True)
             return path
-        except Exception as e:
-            _logger.warning(f'Skipping unreadable checkpoint {path}: {e}')
-            continue
+        except UnreadableCheckpoint as e:
+            _logger.warning(f'Skipping unreadable checkpoint {path}: {e.problem}')
     return None
 
 

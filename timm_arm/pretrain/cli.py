@@ -12,6 +12,7 @@ Every flag can be set in a YAML file (--config), with underscores: `batch_size: 
 """
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import List, Optional
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group('Data')
     g.add_argument('--data-dir', default='', help='image folder (class sub-folders or not), .tar, or dataset root')
     g.add_argument('--dataset', default='', help='timm dataset name ("" = folder / tar; e.g. hfds/..., wds/...)')
+    g.add_argument('--download', default='', metavar='NAME',
+                   help='without --data-dir and --dataset: this timm dataset (e.g. torch/cifar10), downloaded once '
+                        'into --cache-dir')
+    g.add_argument('--cache-dir', default=os.path.join(os.path.expanduser('~'), '.cache', 'timm-arm', 'data'),
+                   help='where --download keeps its data')
     g.add_argument('--train-split', default='train', help='dataset split (a folder of that name is used if present)')
     g.add_argument('--workers', '-j', type=int, default=8, help='data loading processes per GPU')
     g.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True)
@@ -55,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('-b', '--batch-size', type=int, default=2048, help='global batch per optimizer update')
     g.add_argument('--grad-accum-steps', type=int, default=1)
     g.add_argument('--epochs', type=int, default=1600)
-    g.add_argument('--warmup-epochs', type=int, default=40)
+    g.add_argument('--warmup-epochs', type=float, default=40)
     g.add_argument('--blr', type=float, default=1.5e-4, help='base lr: lr = blr x batch_size / 256')
     g.add_argument('--lr', type=float, default=None, help='absolute lr (overrides --blr)')
     g.add_argument('--min-lr', type=float, default=0.)
@@ -64,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float, default=3.0, help='max grad norm (0 / None: off)')
     g.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16', 'float32'))
     g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--max-steps', type=int, default=0, help='stop (with a checkpoint) after this many updates')
+    g.add_argument('--max-steps', type=int, default=0, help='stop after this many updates (checkpoint + export)')
+    g.add_argument('--quick-on-cpu', type=int, default=0, metavar='N',
+                   help='without a GPU, run a short version instead: N updates of batch 64 over N x 64 images (one '
+                        'epoch, cosine with 10%% warm-up), to see the whole job on a laptop (0: off)')
 
     g = parser.add_argument_group('Output')
     g.add_argument('--output', default='output/pretrain', help='folder for checkpoints, logs, export')
@@ -90,6 +99,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_config(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The YAML file's values, each checked as the command line would check it; parser.error() otherwise."""
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except OSError as e:
+        parser.error(f'config {path}: {e.strerror or e}')
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark else ''
+        parser.error(f'config {path} is not valid YAML{where}: {getattr(e, "problem", None) or e}')
+    if not isinstance(cfg, dict):
+        parser.error(f'config {path} must map flag names to values, not hold a {type(cfg).__name__}')
+    actions = {a.dest: a for a in parser._actions}
+    cfg = {str(k).replace('-', '_'): v for k, v in cfg.items()}
+    unknown = sorted(k for k in cfg if k not in actions)
+    if unknown:
+        parser.error(f'unknown keys in {path}: {", ".join(unknown)}')
+    for key, value in cfg.items():
+        action = actions[key]
+        values = value if isinstance(value, list) and action.nargs not in (None, '?') else [value]
+        for v in values:
+            if action.choices is not None and v not in action.choices:
+                parser.error(f'config {path}: {key}: invalid choice {v!r} (choose from '
+                             f'{", ".join(map(repr, action.choices))})')
+            if action.type is int and (isinstance(v, bool) or not isinstance(v, int)):
+                parser.error(f'config {path}: {key} must be an integer, got {v!r}')
+            if action.type is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                parser.error(f'config {path}: {key} must be a number, got {v!r}')
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) and \
+                    not isinstance(v, bool):
+                parser.error(f'config {path}: {key} must be true or false, got {v!r}')
+    return cfg
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument('-c', '--config', default='', metavar='FILE.yaml')
@@ -97,13 +141,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     parser.add_argument('-c', '--config', default='', metavar='FILE.yaml', help='YAML file of flag defaults')
     if known.config:
-        with open(known.config) as f:
-            cfg = yaml.safe_load(f) or {}
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(k for k in cfg if k.replace('-', '_') not in dests)
-        if unknown:
-            parser.error(f'unknown keys in {known.config}: {", ".join(unknown)}')
-        parser.set_defaults(**{k.replace('-', '_'): v for k, v in cfg.items()})
+        parser.set_defaults(**_read_config(parser, known.config))
     args = parser.parse_args(remaining)
     args.config = known.config
     return args

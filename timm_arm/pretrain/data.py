@@ -104,7 +104,7 @@ def open_dataset(name: str, root: str, split: str = 'train', check_images: int =
     """timm's create_dataset (image folder, .tar, or any timm dataset name) returning PIL images, no transform.
 
     Fails early with DataError on a missing / empty source or when one of the first `check_images` images
-    cannot be decoded.
+    cannot be decoded. kwargs go to create_dataset (e.g. download=True for torch/... datasets).
     """
     if not name:  # plain folder / tar: check it ourselves for a clear message
         _check_folder(root)

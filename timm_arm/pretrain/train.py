@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, Subset
 
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -141,16 +141,29 @@ class _Loggers:
             self.wandb.finish()
 
 
+def _workers(args: argparse.Namespace) -> int:
+    """--workers, at most the CPUs this process may use."""
+    return min(args.workers, len(os.sched_getaffinity(0)))
+
+
 def _open_data(args: argparse.Namespace) -> Tuple[Any, Optional[torch.Tensor]]:
     """The dataset, and all its images as one uint8 tensor when they are held in memory (--in-memory)."""
+    name, root, extra = args.dataset, args.data_dir, {}
+    if not (name or root) and args.download:
+        name, root, extra = args.download, os.path.join(args.cache_dir, args.download.replace('/', '_')), \
+            dict(download=True)
+        _logger.info(f'No --data-dir: {name} in {root} (downloaded on first use).')
     try:
-        dataset = open_dataset(args.dataset, args.data_dir, split=args.train_split, check_images=args.check_images)
+        dataset = open_dataset(name, root, split=args.train_split, check_images=args.check_images, **extra)
+        if args.quick_samples:
+            keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+            dataset = Subset(dataset, keep[:args.quick_samples].tolist())
         if args.in_memory == 'off':
             return dataset, None
         if isinstance(dataset, IterableDataset):
             raise InMemoryError(f'--in-memory needs a map-style dataset; {args.dataset} is iterable.')
         started = time.perf_counter()
-        images = decode_images(dataset, int(args.in_memory_max_gb * 2 ** 30), workers=args.workers)
+        images = decode_images(dataset, int(args.in_memory_max_gb * 2 ** 30), workers=_workers(args))
     except InMemoryError as e:
         if args.in_memory == 'on':
             raise SetupError(str(e)) from e
@@ -210,11 +223,19 @@ def train(args: argparse.Namespace) -> Optional[str]:
     if args.batch_size % (world * accum):
         raise SetupError(f'--batch-size {args.batch_size} (global) must be divisible by world size x '
                          f'grad-accum-steps = {world} x {accum}.')
-    micro = args.batch_size // (world * accum)
-    amp_dtype = _AMP_DTYPES[args.amp_dtype]
     use_cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
     if use_cuda and not torch.cuda.is_available():
         raise SetupError(f'--device {args.device}: no CUDA device is available here (use --device cpu).')
+    args.quick_samples = 0
+    if args.quick_on_cpu and not use_cuda:
+        _logger.warning(
+            f'No GPU: a quick run of {args.quick_on_cpu} updates (batch 64, {args.quick_on_cpu * 64} images, one '
+            f'epoch) instead of {args.epochs} epochs at batch {args.batch_size}; on a GPU this recipe runs in full.')
+        args.batch_size, args.epochs, args.warmup_epochs, args.max_steps = 64, 1, 0.1, 0
+        args.grad_accum_steps, args.quick_samples, args.amp_dtype = 1, args.quick_on_cpu * 64, 'float32'
+        accum = 1
+    micro = args.batch_size // (world * accum)
+    amp_dtype = _AMP_DTYPES[args.amp_dtype]
 
     _seed_all(args.seed)  # same model init on every rank (DDP also broadcasts rank 0's weights)
     model = _build_model(args.model, args.img_size, args.model_kwargs)
@@ -294,7 +315,7 @@ def train(args: argparse.Namespace) -> Optional[str]:
                                 seed=args.seed, scale=tuple(args.scale))
     else:
         loader = WorkerLoader(dataset, micro, args.img_size, num_replicas=world, rank=rank, seed=args.seed,
-                              scale=tuple(args.scale), workers=args.workers, pin_memory=args.pin_mem and use_cuda)
+                              scale=tuple(args.scale), workers=_workers(args), pin_memory=args.pin_mem and use_cuda)
     total_updates = args.epochs * updates_per_epoch
     if args.max_steps:
         total_updates = min(total_updates, args.max_steps)
