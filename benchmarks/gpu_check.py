@@ -4,18 +4,20 @@ scan, the fused residual add + LayerNorm and for whole models, forward and backw
     python benchmarks/gpu_check.py [--json OUT.json]
 
 Needs a CUDA GPU with triton, mamba-ssm and causal-conv1d installed (the token-major Triton ops with scan orders
-are checked op by op by tests/triton_scan_check.py, which runs on the GPU when there is one). Tolerances (relative to the largest magnitude of
-the reference): fp32 1e-4, bf16 autocast 1e-2 for model outputs and gradients; exits non-zero on any failure.
+are checked op by op by tests/test_triton_kernels.py, which runs on the GPU when there is one). Tolerances
+(relative to the largest magnitude of the reference): fp32 1e-4, bf16 autocast 1e-2 for model outputs and
+gradients; exits non-zero on any failure.
 """
 import argparse
 import json
 import sys
 
 import torch
+from _common import cuda_median_ms
+
 import timm
 
 import timm_arm  # noqa: F401
-from _timing import cuda_median_ms
 from timm_arm import ops
 
 TOL = {'fp32': 1e-4, 'bf16': 1e-2}

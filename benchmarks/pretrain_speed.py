@@ -17,7 +17,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from timm.layers import PatchEmbed, build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
@@ -107,7 +106,7 @@ def bench(name: str, model: nn.Module, img_size: int, args) -> dict:
     print(f'{name:32s} {img_size:4d}px  step {result["step_ms"]:8.1f} ms  {result["img_per_s"]:8.0f} img/s  '
           f'peak {result["peak_mem_gib"]:6.2f} GiB  {result["params_m"]:6.1f} M params', flush=True)
     model.cpu()
-    del model, opt
+    opt = model = None  # free the GPU memory before the next model
     torch.cuda.empty_cache()
     return result
 

@@ -18,10 +18,11 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _common import cuda_median_ms
+
 import timm
 
 import timm_arm  # noqa: F401
-from _timing import cuda_median_ms
 from timm_arm.ops import causal_conv1d_silu, selective_scan
 
 PAIRS = {  # size: (ViT, its kwargs, ARM, training batch, image size)
@@ -40,7 +41,7 @@ class NaiveMixer(nn.Module):
         self.m = mixer
 
     def forward(self, x, order):
-        m, (batch, seqlen, _) = self.m, x.shape
+        m = self.m
         d, N, R = m.d_inner, m.d_state, m.dt_rank
         xz = m.in_proj(x).transpose(1, 2)  # (B, 2d, L)
         total = 0
@@ -85,7 +86,7 @@ def measure(name, model, infer_batch, train_batch, iters, warmup, img_size=224):
     row['train_img_s'] = train_batch / (cuda_median_ms(step, iters, warmup) / 1000)
     row['train_peak_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
     row['train_batch'], row['infer_batch'] = train_batch, infer_batch
-    del opt, model
+    opt = model = None  # free the GPU memory before the next model
     torch.cuda.empty_cache()
     return row
 
@@ -126,7 +127,7 @@ def profile(name, model, batch, steps=3):
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
         print(f'  {100 * e.self_device_time_total / total:5.1f} %  {e.self_device_time_total / steps / 1e3:7.2f} ms  '
               f'{e.count // steps:4d}x  {e.key[:90]}')
-    del opt, model
+    opt = model = None  # free the GPU memory before the next model
     torch.cuda.empty_cache()
 
 
@@ -151,13 +152,14 @@ def main():
         vit = measure(vit_name, timm.create_model(vit_name, **vit_kwargs), args.infer_batch, train_batch, args.iters,
                       args.warmup, img_size)
         rows.append(vit)
+        arm = None
         for i, backend in enumerate(backends):
             timm_arm.set_backend(backend)
             row = measure(f'{arm_name} [{backend}]', timm.create_model(arm_name), args.infer_batch, train_batch,
                           args.iters, args.warmup, img_size)
             row['backend'] = backend
             rows.append(row)
-            arm = row if i == 0 else arm
+            arm = arm or row  # the ratios use the first backend
             if args.profile and i == 0 and size == 'base':
                 profile(vit_name, timm.create_model(vit_name), train_batch)
                 profile(arm_name, timm.create_model(arm_name), train_batch)
@@ -175,7 +177,8 @@ def main():
         print(f"{r['model']:<34}{r['params_m']:>9.1f}{r['infer_img_s']:>13.0f}{r['train_img_s']:>13.0f}"
               f"{r['train_peak_gib']:>11.1f}")
     for r in ratios:
-        print(f"ARM/ViT {r['size']:<6} [{r['backend']}] infer {r['infer']:.2f}x  train {r['train']:.2f}x  memory {r['memory']:.2f}x")
+        print(f"ARM/ViT {r['size']:<6} [{r['backend']}] infer {r['infer']:.2f}x  train {r['train']:.2f}x  "
+              f"memory {r['memory']:.2f}x")
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(device=device, torch=torch.__version__, timm=timm.__version__,

@@ -7,6 +7,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (tests/test_triton_kernels.py). The variable is read
+# when triton is imported, which nothing has done yet: timm_arm imports triton only where its kernels are used.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
 import timm_arm  # noqa: F401  registers the models
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+
 from timm import create_model
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy

@@ -16,13 +16,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-import timm
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
+from reference_impl import reference_forward, to_reference_layout
 from safetensors.torch import load_file, save_file
 
-from reference_impl import reference_forward, to_reference_layout
-from timm_arm.hub import ENCODER_FORM, HubError, convert, main, publish, read_checkpoint, verify
+import timm
+
+from timm_arm.hub import ENCODER_FORM, HubError, main, publish, read_checkpoint, verify
 from timm_arm.models import checkpoint_filter_fn
 from timm_arm.models.arm_mamba import HUB_ORG
 

@@ -3,10 +3,11 @@ import time
 
 import pytest
 import torch
-import timm
+from reference_impl import reference_forward, to_reference_layout
 from safetensors.torch import save_file
 
-from reference_impl import reference_forward, to_reference_layout
+import timm
+
 from timm_arm.models import ArmMamba, checkpoint_filter_fn, resample_pos_embed, scan_orders
 
 SMALL = dict(embed_dim=32, depth=2, img_size=32, patch_size=8)  # 4 x 4 patches, 17 tokens
@@ -227,8 +228,9 @@ def test_training_step_reduces_loss():
 def test_aligned_swiglu_equals_timm_glumlp(dim, seed, gate_last):
     # ARM's SwiGLU width dim * 8 // 3 (2730 for ARM-L; 53 for 20; 96 for 36, already aligned) is padded to a
     # multiple of 8 on GPU paths (the Triton path's fused MLP is checked against GluMlp, padded widths included, in
-    # tests/triton_scan_check.py); outputs and every gradient must be timm's GluMlp's
+    # tests/test_triton_kernels.py); outputs and every gradient must be timm's GluMlp's
     from timm.layers import GluMlp
+
     from timm_arm.models.arm_mamba import AlignedGluMlp
     hidden = int(dim * 4 * 2 / 3)
     torch.manual_seed(seed)
@@ -297,6 +299,7 @@ def test_pretrained_unpublished_tag_fails_fast_offline(tmp_path, monkeypatch):
     """pretrained=True on a registered tag whose weights are not in the (empty) cache, offline: an error in well
     under a second naming the repo, the reason and the ways to get the weights, instead of Hub retries."""
     from huggingface_hub import constants
+
     from timm_arm.models._weights import PretrainedUnavailable
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))

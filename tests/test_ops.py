@@ -237,7 +237,8 @@ def test_add_layer_norm_on_cpu(branch_dtype):
 def test_layer_norm_without_branch_on_cpu():
     """branch None: the residual itself, and its LayerNorm (a block's norm1)."""
     gen = torch.Generator().manual_seed(12)
-    x, weight, bias = torch.randn(3, 4, 16, generator=gen), torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    x, weight = torch.randn(3, 4, 16, generator=gen), torch.randn(16, generator=gen)
+    bias = torch.randn(16, generator=gen)
     total, normed = ops.add_layer_norm(x, None, weight, bias, 1e-6)
     assert total is x
     torch.testing.assert_close(normed, F.layer_norm(x, (16,), weight, bias, 1e-6), rtol=0, atol=0)

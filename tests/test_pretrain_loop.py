@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 import timm
+
 from timm_arm.pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from timm_arm.pretrain.cli import main, parse_args
-from timm_arm.pretrain.train import SetupError, train
+from timm_arm.pretrain.train import train
 
 MODEL = ['--model', 'arm_mamba_tiny', '--model-kwargs', 'embed_dim=32', 'depth=2', 'patch_size=8', 'cluster_size=2',
          'decoder_embed_dim=32', 'decoder_num_heads=2', '--img-size', '32']
@@ -338,15 +339,15 @@ def test_bad_input(image_folder, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path):
-    """torchrun (gloo, CPU): 1 and 2 processes at the same global batch log the same losses."""
-    script = os.path.join(REPO, 'benchmarks', 'pretrain_ddp_check.py')
+@pytest.mark.parametrize('in_memory', ['on', 'off'])
+def test_ddp_two_processes_match_one(image_folder, tmp_path, in_memory):
+    """torchrun (gloo, CPU): 1 and 2 processes at the same global batch log the same loss at every update."""
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+    argv = ['-m', 'timm_arm.pretrain', '--data-dir', image_folder, *MODEL, *FAST, '-b', '8', '--epochs', '2',
+            '--device', 'cpu', '--no-export', '--in-memory', in_memory]
     for n in (1, 2):
         subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', str(n),
-                        script, '--device', 'cpu', '--steps', '3', '--batch-size', '8',
-                        '--img-size', '32', '--workdir', str(tmp_path), '--json', str(tmp_path / f'{n}.json')],
-                       env=env, check=True, capture_output=True)
-    a, b = (json.load(open(tmp_path / f'{n}.json'))['losses'] for n in (1, 2))
-    assert len(a) == len(b) == 3
+                        *argv, '--output', str(tmp_path / str(n))], env=env, check=True, capture_output=True)
+    a, b = ([json.loads(line)['loss'] for line in open(tmp_path / str(n) / 'log.jsonl')] for n in (1, 2))
+    assert len(a) == len(b) == 6
     assert np.allclose(a, b, rtol=1e-5), (a, b)

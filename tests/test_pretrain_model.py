@@ -4,8 +4,13 @@ import torch
 
 from timm.optim import create_optimizer_v2
 
-from timm_arm.models.arm_pretrain import ArmPretrainer, block_causal_mask, cluster_order, create_pretrainer, \
-    default_tap_layers
+from timm_arm.models.arm_pretrain import (
+    ArmPretrainer,
+    block_causal_mask,
+    cluster_order,
+    create_pretrainer,
+    default_tap_layers,
+)
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, cluster_size=2, decoder_embed_dim=32,
             decoder_num_heads=2)

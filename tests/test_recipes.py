@@ -1,21 +1,28 @@
 """ The train.py recipes in recipes/finetune: every key is a real train.py argument (as recorded, with the timm
-version, in recipes/finetune/train_py_args.json), the values are the paper's, and bad recipes fail at load. """
+version, in timm_arm/train_py_args.json), the values are the paper's, and bad recipes fail at load. """
 import json
 import os
 from pathlib import Path
 
 import pytest
-import timm
 import torch.nn as nn
 import yaml
+
+import timm
 from timm.models import register_model
 
-from timm_arm.recipes import RecipeError, check_recipe, extract_train_args, load_recipe, load_train_args, \
-    train_args_defaults
+from timm_arm.recipes import (
+    RecipeError,
+    check_recipe,
+    extract_train_args,
+    load_recipe,
+    load_train_args,
+    train_args_defaults,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / 'recipes' / 'finetune').glob('*.yaml'))
-ARGS_FILE = ROOT / 'recipes' / 'finetune' / 'train_py_args.json'
+ARGS_FILE = ROOT / 'timm_arm' / 'train_py_args.json'
 NUM_GPUS = 8  # the paper's global batch of 1024 is batch_size x grad_accum_steps x 8 GPUs
 
 
@@ -171,3 +178,19 @@ def test_defaults_are_train_py_defaults(train_args):
     defaults = train_args_defaults(train_args)
     assert defaults['opt'] == 'sgd' and defaults['lr'] is None and defaults['amp'] is False
     assert defaults['scale'] == [0.08, 1.0] and defaults['model_kwargs'] == {}
+
+
+def test_recipes_found_by_name_from_an_installed_wheel(tmp_path, monkeypatch, capsys):
+    """Recipes ship inside the package: `-c NAME` and `python -m timm_arm.recipes check` work from any folder."""
+    from timm_arm.pretrain.cli import parse_args
+    from timm_arm.recipes import RECIPES, main
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+    args = parse_args(['-c', 'arm_mamba_tiny_patch4_32_cifar10'])
+    assert (args.model, args.img_size) == ('arm_mamba_tiny_patch4_32', 32)
+    assert args.config == str(RECIPES / 'pretrain' / 'arm_mamba_tiny_patch4_32_cifar10.yaml')
+    assert main(['check']) == 0  # every packaged fine-tuning recipe
+    out = capsys.readouterr().out
+    assert out.count('ok ') == len(list((RECIPES / 'finetune').glob('*.yaml'))) >= 6
+    assert main(['check', 'arm_mamba_base_in1k']) == 0
+    assert main(['check', 'no_such_recipe']) == 1
+    assert 'no such recipe file' in capsys.readouterr().out

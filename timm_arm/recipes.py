@@ -6,11 +6,11 @@ ignored, a hyphenated one too, and ``epochs: 100.0`` breaks only at ``range()``.
 before a multi-day run starts, plus a few combinations that train.py accepts but that do not do what the recipe
 means (see ``check_recipe``).
 
-train.py is not in timm's wheel, so its argument list is recorded in recipes/finetune/train_py_args.json, with
+train.py is not in timm's wheel, so its argument list is recorded in timm_arm/train_py_args.json, with
 the timm version and git ref it was taken from. Regenerate it from a timm checkout with:
 
     python -m timm_arm.recipes extract /path/to/pytorch-image-models/train.py --ref <git sha or tag> \
-        -o recipes/finetune/train_py_args.json
+        -o timm_arm/train_py_args.json
     python -m timm_arm.recipes check recipes/finetune/*.yaml
 """
 import argparse
@@ -26,10 +26,25 @@ import yaml
 
 __all__ = [
     'RecipeError', 'extract_train_args', 'write_train_args', 'load_train_args', 'train_args_defaults',
-    'load_recipe', 'check_recipe', 'DEFAULT_TRAIN_ARGS',
+    'load_recipe', 'check_recipe', 'find_recipe', 'DEFAULT_TRAIN_ARGS', 'RECIPES',
 ]
 
-DEFAULT_TRAIN_ARGS = Path(__file__).resolve().parent.parent / 'recipes' / 'finetune' / 'train_py_args.json'
+DEFAULT_TRAIN_ARGS = Path(__file__).resolve().parent / 'train_py_args.json'
+RECIPES = Path(__file__).resolve().parent / 'recipe_files'  # also at recipes/ in the repository
+
+
+def _packaged(kind: str) -> List[str]:
+    return sorted(p.stem for p in (RECIPES / kind).glob('*.yaml'))
+
+
+def find_recipe(name: Union[str, Path], kind: str) -> Path:
+    """A recipe file: `name` itself if it exists, else the packaged recipe of that name (with or without .yaml) in
+    recipes/<kind>/ ('pretrain' or 'finetune'), so that installed wheels find them too."""
+    path = Path(name)
+    if path.exists():
+        return path
+    packaged = RECIPES / kind / (path.name if path.suffix in ('.yaml', '.yml') else f'{path.name}.yaml')
+    return packaged if packaged.is_file() else path
 
 # Keyword arguments train.py passes to create_model() itself: the same key in model_kwargs is a TypeError
 # ("got multiple values for keyword argument") at model creation, after data and workers are up.
@@ -202,7 +217,6 @@ def check_recipe(
         errors.append('config: a recipe cannot name another config file')
 
     r = {**train_args_defaults(train_args), **recipe}
-    on = lambda k: bool(recipe.get(k))  # noqa: E731
     if recipe.get('lr') is not None and 'lr_base' in recipe:
         errors.append('lr and lr_base both set: train.py uses lr and ignores lr_base; keep one')
     if 'lr_base' in recipe and recipe.get('lr') is None and not recipe.get('lr_base_scale'):
@@ -266,6 +280,7 @@ def check_recipe(
 
 def _lacks_group_matcher(r: Mapping[str, Any]) -> Optional[str]:
     import importlib
+
     import timm
 
     for module in r.get('device_modules') or []:
@@ -282,9 +297,15 @@ def load_recipe(
         train_args: Union[str, Path, Mapping[str, Dict[str, Any]], None] = None,
         check_model: bool = False,
 ) -> Dict[str, Any]:
-    """Read a train.py YAML recipe and raise RecipeError listing every problem ``check_recipe`` finds."""
-    path = Path(path)
-    recipe = yaml.safe_load(path.read_text())
+    """Read a train.py YAML recipe (a file, or the name of a packaged one) and raise RecipeError listing every problem
+    ``check_recipe`` finds."""
+    path = find_recipe(path, 'finetune')
+    if not path.is_file():
+        raise RecipeError(f'{path}: no such recipe file (packaged recipes: {", ".join(_packaged("finetune"))})')
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f'{path}: not valid YAML ({" ".join(str(e).split())})') from None
     if not isinstance(recipe, dict):
         raise RecipeError(f'{path}: a recipe must be a mapping of train.py arguments, got {type(recipe).__name__}')
     if not isinstance(train_args, Mapping):
@@ -304,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--ref', default='', help='git ref (tag or sha) train.py was taken from')
     p.add_argument('--timm-version', default=None, help='default: read from timm/version.py beside train.py')
     p = sub.add_parser('check', help='validate recipes against the recorded (or a given) train.py')
-    p.add_argument('recipes', nargs='+')
+    p.add_argument('recipes', nargs='*', help='files or packaged recipe names (default: every packaged recipe)')
     p.add_argument('--train-args', default=None, help='train_py_args.json or a train.py')
     p.add_argument('--check-model', action='store_true', help='also build the model (meta device)')
     args = parser.parse_args(argv)
@@ -313,7 +334,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'{len(record["args"])} arguments of timm {record["timm_version"]} ({args.ref}) -> {args.output}')
         return 0
     failed = 0
-    for path in args.recipes:
+    for path in args.recipes or [RECIPES / 'finetune' / f'{name}.yaml' for name in _packaged('finetune')]:
         try:
             load_recipe(path, args.train_args, check_model=args.check_model)
             print(f'ok      {path}')

@@ -17,8 +17,8 @@ import logging
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -27,10 +27,10 @@ import yaml
 
 import timm
 from timm.data import resolve_data_config
-from timm.models import get_pretrained_cfg, is_model, list_models, list_pretrained, save_for_hf, \
-    split_model_name_tag
+from timm.models import get_pretrained_cfg, is_model, list_models, list_pretrained, save_for_hf, split_model_name_tag
 
 from timm_arm.models.arm_mamba import HUB_ORG, checkpoint_filter_fn
+
 from .source import CheckpointInfo, HubError, describe_state_dict, read_checkpoint, sha256_file
 
 __all__ = ['convert', 'verify', 'ENCODER_FORM', 'PAPER_RESULTS', 'model_card']

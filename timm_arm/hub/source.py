@@ -9,12 +9,8 @@ Pickles are read with torch.load(weights_only=True): tensors, plain containers a
 classes the reference checkpoints need (argparse.Namespace, their training arguments). Nothing else is unpickled.
 """
 import argparse
-import contextlib
 import hashlib
 import os
-import pickle
-import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple

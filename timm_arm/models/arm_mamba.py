@@ -24,13 +24,23 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, GluMlp, PatchEmbed, build_sincos2d_pos_embed, \
-    register_notrace_function, register_notrace_module, resample_abs_pos_embed, trunc_normal_
+from timm.layers import (
+    ClassifierHead,
+    DropPath,
+    GluMlp,
+    PatchEmbed,
+    build_sincos2d_pos_embed,
+    register_notrace_function,
+    register_notrace_module,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from timm_arm.ops import add_layer_norm, mixer, mixer_core, swiglu_mlp
+
 from ._weights import check_pretrained_source
 
 # they dispatch on the tensors' device: leaf calls for FX

@@ -11,7 +11,8 @@ Shapes, as in mamba-ssm's ``selective_scan_fn``:
     y_t    = <h_t, C_t> + D * u_t,   y_t *= silu(z_t)      (when z is given)
 
 Three implementations live here: the plain-PyTorch one (any device, fp32 state, its own backward), the literal
-step-by-step reference it is tested against, and the mamba-ssm CUDA kernel wrapper. ``timm_arm.ops.dispatch`` picks between them.
+step-by-step reference it is tested against, and the mamba-ssm CUDA kernel wrapper. ``timm_arm.ops.dispatch`` picks
+between them.
 """
 import math
 from typing import Optional

@@ -139,8 +139,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     config_parser.add_argument('-c', '--config', default='', metavar='FILE.yaml')
     known, remaining = config_parser.parse_known_args(argv)
     parser = build_parser()
-    parser.add_argument('-c', '--config', default='', metavar='FILE.yaml', help='YAML file of flag defaults')
+    parser.add_argument('-c', '--config', default='', metavar='FILE.yaml',
+                        help='YAML file of flag defaults, or the name of a packaged recipe (recipes/pretrain/)')
     if known.config:
+        from timm_arm.recipes import find_recipe
+        known.config = str(find_recipe(known.config, 'pretrain'))
         parser.set_defaults(**_read_config(parser, known.config))
     args = parser.parse_args(remaining)
     args.config = known.config

@@ -12,12 +12,12 @@ import os
 from typing import Any, Dict, Optional
 
 import safetensors.torch
-import torch
 
 from timm.models import get_pretrained_cfg
 from timm.models._pretrained import filter_pretrained_cfg
 
 from timm_arm.models.arm_pretrain import ArmPretrainer
+
 from .checkpoint import atomic_save
 
 __all__ = ['export_encoder']

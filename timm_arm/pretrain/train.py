@@ -26,8 +26,17 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from timm_arm.models.arm_pretrain import ArmPretrainer, create_pretrainer
-from .checkpoint import CheckpointError, atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint, \
-    rng_state, save_checkpoint, set_rng_state
+
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .data import DataError, WorkerLoader, open_dataset
 from .export import export_encoder
 from .in_memory import InMemoryError, InMemoryLoader, decode_images

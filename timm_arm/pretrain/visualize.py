@@ -17,6 +17,7 @@ from torchvision.utils import make_grid, save_image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
 from timm_arm.models.arm_pretrain import ArmPretrainer
+
 from .checkpoint import atomic_save
 
 __all__ = ['predict_clusters', 'prediction_grid', 'visualize']
