@@ -135,6 +135,7 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match='unknown backend'):
         ops.get_backend()
     monkeypatch.delenv('TIMM_ARM_BACKEND')
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)  # with it, 'triton' runs CPU tensors in the interpreter
     with pytest.raises(RuntimeError, match='needs CUDA tensors'):
         ops.resolve_backend(x, 'cuda')
     with pytest.raises(RuntimeError, match='"triton" needs CUDA tensors'):

@@ -123,7 +123,13 @@ def test_export_loads_into_classifier(image_folder, tmp_path):
     assert sorted(os.listdir(export)) == ['config.json', 'model.safetensors']
     config = json.load(open(export / 'config.json'))
     assert config['architecture'] == 'arm_mamba_tiny' and config['num_classes'] == 0
-    assert config['model_args'] == {'embed_dim': 32, 'depth': 2, 'patch_size': [8, 8]}
+    # the shape, not the 1-direction pretraining form: timm builds the classifier from it
+    assert {k: config['model_args'][k] for k in ('embed_dim', 'depth', 'patch_size', 'img_size')} == {
+        'embed_dim': 32, 'depth': 2, 'patch_size': [8, 8], 'img_size': [32, 32]}
+    assert not {'num_directions', 'class_token', 'pos_embed'} & set(config['model_args'])
+    assert config['model_args'].get('global_pool', 'avg') == 'avg'
+    assert config['pretrained_cfg']['input_size'] == [3, 32, 32] and config['pretrained_cfg']['crop_pct'] == 1.0
+    assert config['pretraining']['cluster_size'] == [2, 2]
     encoder = {k[len('encoder.'):]: v for k, v in _weights(latest_checkpoint(str(tmp_path))).items()
                if k.startswith('encoder.')}
 

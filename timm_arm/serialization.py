@@ -1,16 +1,20 @@
-""" Reading torch.save files without unpickling anything but tensors and plain containers, with errors that say what
-is wrong with the file (empty, truncated, not a checkpoint, holding objects it must not load).
+""" Reading and writing weights: torch.save files read without unpickling anything but tensors and plain containers,
+with errors that say what is wrong with the file (empty, truncated, not a checkpoint, holding objects it must not
+load); timm folders (model.safetensors + config.json) written atomically.
 """
 import contextlib
 import os
 import pickle
 import re
+import shutil
+import tempfile
 import zipfile
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
-__all__ = ['UnreadableCheckpoint', 'load_weights_only', 'check_weights_file']
+__all__ = ['UnreadableCheckpoint', 'load_weights_only', 'check_weights_file', 'replace_folder', 'write_timm_folder']
 
 
 class UnreadableCheckpoint(ValueError):
@@ -94,3 +98,61 @@ def check_weights_file(path: Any) -> None:
     problem = _file_problem(path)
     if problem:
         raise UnreadableCheckpoint(path, problem)
+
+
+def replace_folder(tmp: Any, out: Any, overwrite: bool = True) -> None:
+    """Move the complete folder `tmp` to `out` by renames only: `out` is the old folder or the new one, never a
+    mix; an existing `out` is replaced only when `overwrite`."""
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not overwrite:
+        raise FileExistsError(out)
+    old = out.with_name(f'.{out.name}.old-{os.getpid()}')
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_timm_folder(
+        model: torch.nn.Module,
+        out: Any,
+        model_args: Dict[str, Any],
+        model_config: Optional[Dict[str, Any]] = None,
+        files: Optional[Dict[str, str]] = None,
+        check: Optional[Callable[[Path], None]] = None,
+        overwrite: bool = True,
+) -> Path:
+    """What timm's save_for_hf writes (model.safetensors, config.json), plus text `files`, into `out` atomically:
+    written to a temporary folder beside it, passed to `check` (which may raise), then renamed into place.
+
+    config.json's model_args are exactly `model_args` (timm >= 1.0.31 would also add the factory's own arguments,
+    which for an encoder in its pretraining form are not the shape to rebuild it in).
+    """
+    from timm.models import save_for_hf
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
+    try:
+        if hasattr(model, '_model_args'):
+            model._model_args = dict(model_args)
+        save_for_hf(model, tmp, safe_serialization=True, model_config=model_config, model_args=dict(model_args))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding='utf-8')
+        if check is not None:
+            check(tmp)
+        umask = os.umask(0)  # mkdtemp / safetensors create owner-only entries: ordinary modes
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for path in tmp.rglob('*'):
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        replace_folder(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -14,9 +14,6 @@ the folder is written under a temporary name and renamed into place, so it is co
 """
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -27,9 +24,10 @@ import yaml
 
 import timm
 from timm.data import resolve_data_config
-from timm.models import get_pretrained_cfg, is_model, list_models, list_pretrained, save_for_hf, split_model_name_tag
+from timm.models import get_pretrained_cfg, is_model, list_models, list_pretrained, split_model_name_tag
 
-from timm_arm.models.arm_mamba import HUB_ORG, checkpoint_filter_fn
+from timm_arm.models.arm_mamba import ENCODER_FORM, HUB_ORG, checkpoint_filter_fn
+from timm_arm.serialization import write_timm_folder
 
 from .source import CheckpointInfo, HubError, describe_state_dict, read_checkpoint, sha256_file
 
@@ -37,8 +35,6 @@ __all__ = ['convert', 'verify', 'ENCODER_FORM', 'PAPER_RESULTS', 'model_card']
 
 _logger = logging.getLogger(__name__)
 
-# ArmMamba kwargs of the AR-pretraining form of the encoder (as ArmPretrainer builds it)
-ENCODER_FORM = dict(num_directions=1, class_token=False, pos_embed='sincos')
 
 # Published ImageNet-1k top-1 after fine-tuning (paper, Table 1): (name, arch, embed_dim, depth, params M, @224, @384)
 PAPER_RESULTS = (
@@ -413,31 +409,6 @@ def model_card(
         raise HubError(template, f'bad placeholder in the model card template ({_one_line(e)})') from None
 
 
-def _set_modes(folder: Path) -> None:
-    """mkdtemp / safetensors create owner-only entries: give the folder the modes of ordinary files."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.rglob('*'):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not overwrite:
-        raise HubError(out, 'already exists (pass --overwrite to replace it)')
-    old = out.with_name(f'.{out.name}.old-{os.getpid()}')
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def convert(
         source: Any,
         out_dir: Any,
@@ -492,34 +463,28 @@ def convert(
     data = {k: run[k] for k in ('crop_pct', 'mean', 'std', 'interpolation') if run.get(k) is not None}
     if data:
         model.pretrained_cfg = {**model.pretrained_cfg, **data}
-    # config.json's model_args describe the shape only (an encoder's too, so timm builds the classifier from it);
-    # timm >= 1.0.31 also records the factory's arguments on the model, older versions take them as given here
+    # config.json's model_args describe the shape only (an encoder's too, so timm builds the classifier from it)
     model_args = {k: v for k, v in kwargs.items() if k not in ENCODER_FORM}
-    if hasattr(model, '_model_args'):
-        model._model_args = {k: v for k, v in model._model_args.items() if k not in ENCODER_FORM}
     repo_id = repo_id or cfg.get('hf_hub_id') or f'{HUB_ORG}/{model_id}'
     source_sha256 = sha256_file(file)
     from timm_arm import __version__
+    conversion = dict(
+        tool=f'timm-arm-hub {__version__}', source=file.name, source_sha256=source_sha256,
+        entry=taken or None, layout=info.layout, form='encoder' if info.is_encoder else 'classifier')
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
-    try:
-        conversion = dict(
-            tool=f'timm-arm-hub {__version__}', source=file.name, source_sha256=source_sha256,
-            entry=taken or None, layout=info.layout, form='encoder' if info.is_encoder else 'classifier')
-        save_for_hf(model, tmp, safe_serialization=True, model_config={'conversion': conversion},
-                    model_args=model_args)
-        written_cfg = json.loads((tmp / 'config.json').read_text())['pretrained_cfg']  # the data config as saved
+    def card_and_check(folder: Path) -> None:
+        written_cfg = json.loads((folder / 'config.json').read_text())['pretrained_cfg']  # the data config as saved
         card = model_card(model, model_id, repo_id, info, written_cfg, file.name, source_sha256, taken,
                           template=template, dataset=dataset, metrics=metrics, recipes=recipes)
-        (tmp / 'README.md').write_text(card, encoding='utf-8')
+        (folder / 'README.md').write_text(card, encoding='utf-8')
         if check:
-            verify(tmp, source_state_dict=state_dict, log=lambda msg: None)
-        _set_modes(tmp)
-        _move_into_place(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            verify(folder, source_state_dict=state_dict, log=lambda msg: None)
+
+    try:
+        write_timm_folder(model, out, model_args, model_config={'conversion': conversion}, check=card_and_check,
+                          overwrite=overwrite)
+    except FileExistsError:
+        raise HubError(out, 'already exists (pass --overwrite to replace it)') from None
     log(f'wrote {out}: {", ".join(sorted(p.name for p in out.iterdir()))} ({model_id}'
         + (', verified against the source' if check else '') + ')')
     return out

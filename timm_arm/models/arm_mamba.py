@@ -48,11 +48,15 @@ register_notrace_function(swiglu_mlp)
 register_notrace_function(add_layer_norm)
 
 __all__ = ['ArmMamba', 'MultiDirectionMamba', 'ArmBlock', 'scan_orders', 'resample_pos_embed', 'HUB_ORG',
-           'HUB_REVISIONS']
+           'HUB_REVISIONS', 'ENCODER_FORM']
 
 _logger = logging.getLogger(__name__)
 
 HUB_ORG = 'timm-arm'  # Hugging Face organisation that holds the published weights
+
+# ArmMamba kwargs of the AR-pretraining form of the encoder (as ArmPretrainer builds it): with them, create_model
+# builds the encoder itself, without them the 4-direction classifier of the same shape
+ENCODER_FORM = dict(num_directions=1, class_token=False, pos_embed='sincos')
 
 # Hub commit of each published tag's upload (`timm-arm-hub publish` prints it): a tag loads exactly those files,
 # whatever is pushed to its repo later. No tag is published yet.
@@ -119,32 +123,34 @@ def resample_pos_embed(
     if not has_cls and num_pos != num_old:
         raise ValueError(f'pos_embed of {num_pos} positions does not fit a {old_size} grid (with or without class)')
     if has_cls:
-        mid = num_old // 2
-        cls_pos = pos_embed[:, mid:mid + 1]
-        pos_embed = torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1:]], dim=1)
+        pos_embed, cls_pos = remove_middle_token(pos_embed)
     if tuple(new_size) != tuple(old_size):
         pos_embed = resample_abs_pos_embed(
             pos_embed, list(new_size), list(old_size), num_prefix_tokens=0,
             interpolation=interpolation, antialias=antialias)
-    if has_cls:
-        mid = new_size[0] * new_size[1] // 2
-        pos_embed = torch.cat([pos_embed[:, :mid], cls_pos, pos_embed[:, mid:]], dim=1)
-    return pos_embed
+    return insert_middle_token(pos_embed, cls_pos) if has_cls else pos_embed
 
 
 @register_notrace_function
-def insert_class_token(x: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) patch tokens -> (B, N + 1, C) with the class token in the middle, at index N // 2."""
+def insert_middle_token(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) patch tokens (or position embeddings) -> (B, N + 1, C) with `token` (broadcast over B) at index
+    N // 2, where ARM keeps its class token."""
     mid = x.shape[1] // 2
-    return torch.cat([x[:, :mid], cls_token.expand(x.shape[0], -1, -1), x[:, mid:]], dim=1)
+    return torch.cat([x[:, :mid], token.expand(x.shape[0], -1, -1), x[:, mid:]], dim=1)
+
+
+@register_notrace_function
+def remove_middle_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of insert_middle_token: (B, N + 1, C) -> ((B, N, C) without index N // 2, that token (B, 1, C))."""
+    mid = (x.shape[1] - 1) // 2
+    return torch.cat([x[:, :mid], x[:, mid + 1:]], dim=1), x[:, mid:mid + 1]
 
 
 @register_notrace_function
 def tokens_to_grid(x: torch.Tensor, height: int, width: int, has_cls: bool) -> torch.Tensor:
     """(B, L, C) token sequence -> (B, H, W, C) patch grid, the middle class token (if any) dropped."""
     if has_cls:
-        mid = height * width // 2
-        x = torch.cat([x[:, :mid], x[:, mid + 1:]], dim=1)
+        x = remove_middle_token(x)[0]
     return x.reshape(x.shape[0], height, width, x.shape[-1])
 
 
@@ -403,10 +409,7 @@ class ArmMamba(nn.Module):
         """Fixed 2-D sin-cos embedding (MAE's frequencies), a zero class position in the middle if any."""
         pos = build_sincos2d_pos_embed(
             list(grid_size), self.embed_dim, device=self.pos_embed.device, dtype=self.pos_embed.dtype).unsqueeze(0)
-        if self.num_prefix_tokens:
-            mid = pos.shape[1] // 2
-            pos = torch.cat([pos[:, :mid], torch.zeros_like(pos[:, :1]), pos[:, mid:]], dim=1)
-        return pos
+        return insert_middle_token(pos, torch.zeros_like(pos[:, :1])) if self.num_prefix_tokens else pos
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -461,7 +464,7 @@ class ArmMamba(nn.Module):
             pos_embed = self._dynamic_pos_embed(H, W)
         x = x.reshape(B, H * W, C)
         if self.cls_token is not None:
-            x = insert_class_token(x, self.cls_token)
+            x = insert_middle_token(x, self.cls_token)
         x = self.pos_drop(x + pos_embed)
         return x, H, W
 
@@ -523,7 +526,7 @@ class ArmMamba(nn.Module):
             x = self._run_block(block, x, order)
             if i in take_indices:
                 feat = tokens_to_grid(x, H, W, has_cls)
-                cls = x[:, H * W // 2] if has_cls else None
+                cls = remove_middle_token(x)[1][:, 0] if has_cls else None
                 feat = self.norm(feat) if norm else feat
                 if output_fmt == 'NCHW':
                     feat = feat.permute(0, 3, 1, 2).contiguous()
@@ -621,11 +624,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ArmMamba) -> Dict[st
                 raise RuntimeError(f'pos_embed of shape {tuple(v.shape)} is not a square grid of positions')
             v = resample_pos_embed(v.float(), grid, (side, side)).to(v.dtype)
             if model.cls_token is not None and not has_cls:
-                mid = grid[0] * grid[1] // 2
-                v = torch.cat([v[:, :mid], torch.zeros_like(v[:, :1]), v[:, mid:]], dim=1)
+                v = insert_middle_token(v, torch.zeros_like(v[:, :1]))
             elif model.cls_token is None and has_cls:
-                mid = grid[0] * grid[1] // 2
-                v = torch.cat([v[:, :mid], v[:, mid + 1:]], dim=1)
+                v = remove_middle_token(v)[0]
         out[k] = v
 
     # encoder-only checkpoints (AR pretraining): the head and class token start fresh, as in the paper
