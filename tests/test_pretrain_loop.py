@@ -257,6 +257,17 @@ def test_keep_last_never_keeps_an_unreadable_checkpoint(image_folder, tmp_path):
     assert (out / 'checkpoint-00000009.pth.unreadable').read_bytes() == b'not a checkpoint'  # set aside, not lost
 
 
+def test_download_when_no_data_dir(tmp_path, capsys, monkeypatch):
+    """No --data-dir: the recipe's dataset is fetched into --cache-dir; a failed download is one clear line and
+    nothing is written (the download URL points at a closed local port here: no network needed)."""
+    import torchvision
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, 'url', 'http://127.0.0.1:9/cifar-10-python.tar.gz')
+    out = tmp_path / 'out'
+    _fails(capsys, ['-c', 'arm_mamba_tiny_patch4_32_cifar10', '--output', str(out), '--cache-dir',
+                    str(tmp_path / 'cache'), '--device', 'cpu'], f"Cannot open dataset torch/cifar10 at '{tmp_path}")
+    assert not out.exists()
+
+
 def test_config_file(image_folder, tmp_path):
     cfg = tmp_path / 'r.yaml'
     cfg.write_text('batch_size: 16\nepochs: 7\nmodel_kwargs: {cluster_size: 2}\nblr: 1.0e-3\n')
