@@ -3,8 +3,8 @@
     python benchmarks/cpu_speed.py [--pairs tiny,tiny32] [--batch-size 64] \
         [--json benchmarks/results/cpu_speed_cpu2.json]
 
-Each pair in one process, one after the other, same threads (torch's default: the CPUs this process may use);
-median of --iters forward passes after one warm-up. Prints img/s of both and the ratio ARM / ViT.
+Each pair in one process, same threads (torch's default: the CPUs this process may use), the two models' forward
+passes interleaved; median of --iters passes each after one warm-up. Prints img/s of both and the ratio ARM / ViT.
 """
 import argparse
 import json
@@ -24,32 +24,34 @@ PAIRS = {  # name: (ARM, its kwargs, ViT, its kwargs, image size)
 }
 
 
-def forward_img_per_s(model: torch.nn.Module, batch: int, img_size: int, iters: int) -> float:
+def forward_img_per_s(models, batch: int, img_size: int, iters: int):
+    """Median img/s of each model's forward, the models' passes interleaved (the same machine state for both)."""
     x = torch.randn(batch, 3, img_size, img_size)
-    model.eval()
-    times = []
+    times = [[] for _ in models]
     with torch.inference_mode():
-        model(x)
+        for model in models:
+            model.eval()(x)  # warm-up
         for _ in range(iters):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return batch / sorted(times)[len(times) // 2]
+            for model, t in zip(models, times):
+                start = time.perf_counter()
+                model(x)
+                t.append(time.perf_counter() - start)
+    return [batch / sorted(t)[len(t) // 2] for t in times]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--pairs', default='tiny,tiny32', help=f'comma-separated, of {",".join(PAIRS)}')
     parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--iters', type=int, default=3)
+    parser.add_argument('--iters', type=int, default=5)
     parser.add_argument('--json', default='')
     args = parser.parse_args()
     rows = []
     for name in args.pairs.split(','):
         arm_name, arm_kwargs, vit_name, vit_kwargs, img_size = PAIRS[name]
         torch.manual_seed(0)
-        arm = forward_img_per_s(timm.create_model(arm_name, **arm_kwargs), args.batch_size, img_size, args.iters)
-        vit = forward_img_per_s(timm.create_model(vit_name, **vit_kwargs), args.batch_size, img_size, args.iters)
+        models = [timm.create_model(arm_name, **arm_kwargs), timm.create_model(vit_name, **vit_kwargs)]
+        arm, vit = forward_img_per_s(models, args.batch_size, img_size, args.iters)
         rows.append(dict(pair=name, arm=arm_name, vit=vit_name, vit_kwargs=vit_kwargs, img_size=img_size,
                          batch_size=args.batch_size, arm_img_per_s=arm, vit_img_per_s=vit, ratio=arm / vit))
         print(f'{name:8s} {img_size:4d} px  {arm_name} {arm:7.1f} img/s   {vit_name} {vit:7.1f} img/s   '

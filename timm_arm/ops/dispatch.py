@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .causal_conv1d import causal_conv1d_silu_cuda, causal_conv1d_silu_torch
+from .mixer_torch import mixer_core_torch
 from .selective_scan import selective_scan_cuda_fn, selective_scan_torch
 
 __all__ = ['mixer', 'mixer_core', 'swiglu_mlp', 'add_layer_norm', 'selective_scan', 'causal_conv1d_silu',
@@ -172,13 +173,17 @@ def mixer_core(
     batch, seqlen, two_d = xz.shape
     K, d, N = A_log.shape
     R = dt_proj_weight.shape[-1]
-    if resolve_backend(xz, backend, op='scan') == 'triton':
+    scan_backend = resolve_backend(xz, backend, op='scan')
+    if scan_backend == 'triton':
         from .triton_scan import mixer_core_tokens
         order_, inverse = order if order is not None else (None, None)
         return mixer_core_tokens(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
                                  order_, inverse)
+    if scan_backend == 'torch':  # direction-major, as CPUs like it
+        return mixer_core_torch(xz, order, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+                                A_log, D)
 
-    # channel-first (mamba-ssm's layout): scan orders as gathers
+    # mamba-ssm's kernels: channel-first, scan orders as gathers
     u = xz[..., :d].transpose(1, 2)  # (b, d, L)
     if order is None:
         u = u.unsqueeze(1)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ['selective_scan_torch', 'selective_scan_sequential', 'selective_scan_cuda_fn']
+__all__ = ['selective_scan_torch', 'selective_scan_sequential', 'selective_scan_cuda_fn', 'SequentialScan']
 
 
 def _check_groups(dim: int, groups: int) -> None:
@@ -44,90 +44,82 @@ def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: Optional[torch.Tensor], 
     return y.to(u.dtype)
 
 
-def _time_major(x: torch.Tensor, groups: int, last: bool) -> torch.Tensor:
-    """(b, G * n, L) -> (L, b, G, n, 1) if last else (L, b, G, 1, n), contiguous: one step is one slice."""
-    batch, _, seqlen = x.shape
-    x = x.reshape(batch, groups, -1, seqlen).permute(3, 0, 1, 2)
-    return (x.unsqueeze(-1) if last else x.unsqueeze(-2)).contiguous()
-
-
 def _run_steps(h, x, delta, A, B, C=None, y=None, states=None) -> None:
     """h <- exp(delta_t A) h + x_t B_t for the steps of x, in place; y_t = <h, C_t>; states collects h before each
-    step. Every temporary lives in two preallocated buffers (allocations cost as much as the arithmetic here).
+    step. The temporary lives in a preallocated buffer (allocations cost as much as the arithmetic here).
 
-    h: (b, G, d_g, N); per step x, delta, y: (b, G, d_g, 1); B, C: (b, G, 1, N).
+    h: (G, b, d_g, N); x, delta: (G, T, b, d_g, 1); A: (G, 1, d_g, N); B, C: (G, T, b, 1, N); y: (T, G, b, d_g).
     """
-    decay, product = torch.empty_like(h), torch.empty_like(h)
-    for t in range(x.shape[0]):
+    decay = torch.empty_like(h)
+    for t in range(x.shape[1]):
         if states is not None:
             states.append(h.clone())
-        torch.mul(delta[t], A, out=decay).exp_()
-        h.mul_(decay).addcmul_(x[t], B[t])
-        if y is not None:
-            torch.sum(torch.mul(h, C[t], out=product), dim=-1, keepdim=True, out=y[t])
+        torch.mul(delta[:, t], A, out=decay).exp_()
+        h.mul_(decay).addcmul_(x[:, t], B[:, t])
+        if y is not None:  # sums over a short axis as batched matmuls: faster on CPUs than multiply + sum
+            torch.matmul(h, C[:, t].transpose(-1, -2), out=y[t].unsqueeze(-1))
 
 
-class _SequentialScan(torch.autograd.Function):
-    """y = scan(u, delta, A, B, C) (delta after bias and softplus; no D, no gate), fp32, forward and backward
-    written out. The state of one step (b, D, N) stays in the CPU's caches: one pass over it per operation and
-    step, where a parallel scan would stream (b, D, L, N) tensors through memory several times. Backward keeps
-    the inputs and the state at every segment start, re-runs each segment's steps, then walks it in reverse."""
+class SequentialScan(torch.autograd.Function):
+    """y = scan(u, delta, A, B, C) in direction-major layout (delta after bias and softplus; no D, no gate), fp32,
+    forward and backward written out.
+
+    u, delta: (G, L, b, d_g) contiguous; A: (G, d_g, N); B, C: (G, L, b, N) contiguous -> y: (L, G, b, d_g).
+    Group g (a scan direction) reads B / C of group g. The state of one step (G, b, d_g, N) stays in the CPU's caches:
+    one pass over it per operation and step, where a parallel scan would stream (b, D, L, N) tensors through memory
+    several times. Backward keeps the inputs and the state at every segment start (about sqrt(L) of them), re-runs
+    each segment's steps, then walks it in reverse.
+    """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
-        batch, dim, seqlen = u.shape
-        groups, d_state = B.shape[1], B.shape[2]
+        groups, seqlen, batch, d = u.shape
         segment = math.isqrt(seqlen) + 1
-        A_g = A.view(groups, dim // groups, d_state)
-        x, dl = _time_major(delta * u, groups, True), _time_major(delta, groups, True)
-        B_t, C_t = _time_major(B.flatten(1, 2), groups, False), _time_major(C.flatten(1, 2), groups, False)
-        h = u.new_zeros(batch, groups, dim // groups, d_state)
-        y = u.new_empty(seqlen, batch, groups, dim // groups, 1)
+        x, dl, A_ = (delta * u).unsqueeze(-1), delta.unsqueeze(-1), A.unsqueeze(1)
+        h = u.new_zeros(groups, batch, d, A.shape[-1])
+        y = u.new_empty(seqlen, groups, batch, d)
+        keep = any(ctx.needs_input_grad)
         starts = []
         for s in range(0, seqlen, segment):
-            if ctx.needs_input_grad is not None and any(ctx.needs_input_grad):
+            if keep:
                 starts.append(h.clone())
             e = s + segment
-            _run_steps(h, x[s:e], dl[s:e], A_g, B_t[s:e], C_t[s:e], y[s:e])
+            _run_steps(h, x[:, s:e], dl[:, s:e], A_, B[:, s:e].unsqueeze(-2), C[:, s:e].unsqueeze(-2), y[s:e])
         ctx.save_for_backward(u, delta, A, B, C, *starts)
         ctx.segment = segment
-        return y.squeeze(-1).permute(1, 2, 3, 0).reshape(batch, dim, seqlen)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         u, delta, A, B, C, *starts = ctx.saved_tensors
-        batch, dim, seqlen = u.shape
-        groups, d_state = B.shape[1], B.shape[2]
-        A_g = A.view(groups, dim // groups, d_state)
-        x, dl = _time_major(delta * u, groups, True), _time_major(delta, groups, True)
-        B_t, C_t = _time_major(B.flatten(1, 2), groups, False), _time_major(C.flatten(1, 2), groups, False)
-        dy = _time_major(dy.float(), groups, True)
+        groups, seqlen, batch, d = u.shape
+        x, dl, A_ = (delta * u).unsqueeze(-1), delta.unsqueeze(-1), A.unsqueeze(1)
+        B_, C_ = B.unsqueeze(-2), C.unsqueeze(-2)
+        dy = dy.contiguous().unsqueeze(-1)  # (L, G, b, d_g, 1)
         g = torch.zeros_like(starts[0])  # dL / dh of the step being walked
         decay, d_exponent, product = torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
-        dx, d_dl = torch.empty_like(x), torch.empty_like(dl)
-        dB, dC = torch.empty_like(B_t), torch.empty_like(C_t)
+        dx, d_dl = u.new_empty(seqlen, groups, batch, d), u.new_empty(seqlen, groups, batch, d)
+        dB, dC = B.new_empty(seqlen, groups, batch, B.shape[-1]), C.new_empty(seqlen, groups, batch, C.shape[-1])
         dA = torch.zeros_like(g)  # summed over the batch at the end
         for i in reversed(range(len(starts))):
             s, e = i * ctx.segment, min(seqlen, (i + 1) * ctx.segment)
             states = []  # states[j]: the state before step s + j; then the state after the segment's last step
             h = starts[i].clone()
-            _run_steps(h, x[s:e], dl[s:e], A_g, B_t[s:e], states=states)
+            _run_steps(h, x[:, s:e], dl[:, s:e], A_, B_[:, s:e], states=states)
             states.append(h)
             for t in reversed(range(s, e)):
                 h_t, h_prev = states[t - s + 1], states[t - s]
-                g.addcmul_(dy[t], C_t[t])  # y_t = <h_t, C_t>
-                torch.sum(torch.mul(h_t, dy[t], out=product), dim=-2, keepdim=True, out=dC[t])
-                torch.sum(torch.mul(g, B_t[t], out=product), dim=-1, keepdim=True, out=dx[t])  # h_t = ... + x_t B_t
-                torch.sum(torch.mul(g, x[t], out=product), dim=-2, keepdim=True, out=dB[t])
-                torch.mul(dl[t], A_g, out=decay).exp_()
+                g.addcmul_(dy[t], C_[:, t])  # y_t = <h_t, C_t>
+                torch.matmul(h_t.transpose(-1, -2), dy[t], out=dC[t].unsqueeze(-1))
+                torch.matmul(g, B_[:, t].transpose(-1, -2), out=dx[t].unsqueeze(-1))  # h_t = ... + x_t B_t
+                torch.matmul(g.transpose(-1, -2), x[:, t], out=dB[t].unsqueeze(-1))
+                torch.mul(dl[:, t], A_, out=decay).exp_()
                 torch.mul(g, h_prev, out=d_exponent).mul_(decay)  # d / d(delta_t A) of h_t = exp(delta_t A) h_(t-1)
-                torch.sum(torch.mul(d_exponent, A_g, out=product), dim=-1, keepdim=True, out=d_dl[t])
-                dA.addcmul_(d_exponent, dl[t])
+                torch.sum(torch.mul(d_exponent, A_, out=product), dim=-1, out=d_dl[t])
+                dA.addcmul_(d_exponent, dl[:, t])
                 g.mul_(decay)
-        dx = dx.squeeze(-1).permute(1, 2, 3, 0).reshape(batch, dim, seqlen)
-        d_delta = d_dl.squeeze(-1).permute(1, 2, 3, 0).reshape(batch, dim, seqlen) + dx * u
-        return (dx * delta, d_delta, dA.sum(0).reshape(dim, d_state), dB.squeeze(-2).permute(1, 2, 3, 0),
-                dC.squeeze(-2).permute(1, 2, 3, 0))
+        dx, d_dl = dx.transpose(0, 1), d_dl.transpose(0, 1)  # (G, L, b, d_g), as u and delta
+        return dx * delta, d_dl + dx * u, dA.sum(1), dB.transpose(0, 1), dC.transpose(0, 1)
 
 
 def selective_scan_torch(
@@ -141,16 +133,21 @@ def selective_scan_torch(
         delta_bias: Optional[torch.Tensor] = None,
         delta_softplus: bool = False,
 ) -> torch.Tensor:
-    """Selective scan in plain PyTorch (any device, fp32 state), one step at a time on a cache-sized state.
-
-    The recurrence itself is one autograd node with its backward written out (``_SequentialScan``): it keeps only
-    its inputs and the states at about sqrt(L) segment starts, as the CUDA kernels keep only their inputs. Bias,
-    softplus, the D skip and the gate are ordinary autograd ops around it.
+    """Selective scan in plain PyTorch (any device, fp32 state), in mamba-ssm's channel-first layout: the recurrence
+    is ``SequentialScan`` on direction-major copies of the inputs (the mixer's PyTorch path feeds it that layout
+    directly); bias, softplus, the D skip and the gate are ordinary autograd ops around it.
     """
     batch, dim, seqlen = u.shape
-    _check_groups(dim, B.shape[1])
+    groups, d_state = B.shape[1], B.shape[2]
+    _check_groups(dim, groups)
     delta = _discretised_delta(delta, delta_bias, delta_softplus)
-    y = _SequentialScan.apply(u.float(), delta, A.float(), B.float(), C.float())
+
+    def direction_major(t: torch.Tensor) -> torch.Tensor:  # (b, G * n, L) -> (G, L, b, n)
+        return t.float().reshape(batch, groups, -1, seqlen).permute(1, 3, 0, 2).contiguous()
+
+    y = SequentialScan.apply(direction_major(u), direction_major(delta), A.float().view(groups, -1, d_state),
+                             direction_major(B.flatten(1, 2)), direction_major(C.flatten(1, 2)))
+    y = y.permute(2, 1, 3, 0).reshape(batch, dim, seqlen)  # (L, G, b, d_g) -> (b, G * d_g, L)
     return _skip_and_gate(y, u, D, z)
 
 
