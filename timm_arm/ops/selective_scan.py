@@ -46,18 +46,18 @@ def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: Optional[torch.Tensor], 
 
 def _run_steps(h, x, delta, A, B, C=None, y=None, states=None) -> None:
     """h <- exp(delta_t A) h + x_t B_t for the steps of x, in place; y_t = <h, C_t>; states collects h before each
-    step. The temporary lives in a preallocated buffer (allocations cost as much as the arithmetic here).
+    step. Every temporary lives in two preallocated buffers (allocations cost as much as the arithmetic here).
 
     h: (G, b, d_g, N); x, delta: (G, T, b, d_g, 1); A: (G, 1, d_g, N); B, C: (G, T, b, 1, N); y: (T, G, b, d_g).
     """
-    decay = torch.empty_like(h)
+    decay, product = torch.empty_like(h), torch.empty_like(h)
     for t in range(x.shape[1]):
         if states is not None:
             states.append(h.clone())
         torch.mul(delta[:, t], A, out=decay).exp_()
         h.mul_(decay).addcmul_(x[:, t], B[:, t])
-        if y is not None:  # sums over a short axis as batched matmuls: faster on CPUs than multiply + sum
-            torch.matmul(h, C[:, t].transpose(-1, -2), out=y[t].unsqueeze(-1))
+        if y is not None:
+            torch.sum(torch.mul(h, C[:, t], out=product), dim=-1, out=y[t])
 
 
 class SequentialScan(torch.autograd.Function):
@@ -110,9 +110,9 @@ class SequentialScan(torch.autograd.Function):
             for t in reversed(range(s, e)):
                 h_t, h_prev = states[t - s + 1], states[t - s]
                 g.addcmul_(dy[t], C_[:, t])  # y_t = <h_t, C_t>
-                torch.matmul(h_t.transpose(-1, -2), dy[t], out=dC[t].unsqueeze(-1))
-                torch.matmul(g, B_[:, t].transpose(-1, -2), out=dx[t].unsqueeze(-1))  # h_t = ... + x_t B_t
-                torch.matmul(g.transpose(-1, -2), x[:, t], out=dB[t].unsqueeze(-1))
+                torch.sum(torch.mul(h_t, dy[t], out=product), dim=-2, out=dC[t])
+                torch.sum(torch.mul(g, B_[:, t], out=product), dim=-1, out=dx[t])  # h_t = ... + x_t B_t
+                torch.sum(torch.mul(g, x[:, t], out=product), dim=-2, out=dB[t])
                 torch.mul(dl[:, t], A_, out=decay).exp_()
                 torch.mul(g, h_prev, out=d_exponent).mul_(decay)  # d / d(delta_t A) of h_t = exp(delta_t A) h_(t-1)
                 torch.sum(torch.mul(d_exponent, A_, out=product), dim=-1, out=d_dl[t])

@@ -423,11 +423,13 @@ def train(args: argparse.Namespace) -> Optional[str]:
                     if args.clip_grad:
                         record['grad_norm'] = float(grad_norm)
                     loggers.log(record)
+                    eta_text = time.strftime('%H:%M:%S', time.gmtime(eta)) if eta < 86400 else f'{eta / 86400:.1f}d'
+                    if is_main and pbar is None:  # no progress bar (--no-progress): a log line per logged step
+                        _logger.info(f'update {global_step}/{total_updates} (epoch {epoch}): loss {loss_value:.4f}, '
+                                     f'lr {record["lr"]:.2e}, {img_per_s:.0f} img/s, eta {eta_text}')
                     if pbar is not None:
                         pbar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{record["lr"]:.2e}',
-                                         img_s=f'{img_per_s:.0f}',
-                                         eta=time.strftime('%H:%M:%S', time.gmtime(eta)) if eta < 86400
-                                         else f'{eta / 86400:.1f}d')
+                                         img_s=f'{img_per_s:.0f}', eta=eta_text)
                     t_log, steps_since_log = now, 0
                 if pbar is not None:
                     pbar.update(1)
