@@ -197,23 +197,26 @@ def test_visualize_writes_the_prediction_grid(image_folder, tmp_path):
     assert main(['--output', str(tmp_path / 'none'), '--visualize', str(png), '--data-dir', image_folder]) == 2
 
 
-def test_sigterm_checkpoints_and_resumes_exactly(image_folder, tmp_path):
-    """SIGTERM mid-run: a checkpoint at the next step boundary, exit 143; re-running the command ends with the
-    weights of an uninterrupted run."""
+@pytest.mark.parametrize('in_memory', ['on', 'off'])
+def test_sigterm_checkpoints_and_resumes_exactly(image_folder, tmp_path, in_memory):
+    """SIGTERM to the whole process group (as schedulers send it), data workers included: a checkpoint at the next
+    step boundary, exit 143; re-running the command ends with the weights of an uninterrupted run."""
     torch.set_num_threads(1)  # as the child process (OMP_NUM_THREADS=1): the same float sums
     argv = ['--data-dir', image_folder, *MODEL, *FAST, '-b', '8', '--epochs', '40', '--ckpt-interval', '1000',
-            '--keep-last', '1', '--no-export']
+            '--keep-last', '1', '--no-export', '--in-memory', in_memory]
+    if in_memory == 'off':
+        argv[argv.index('--workers') + 1] = '2'  # worker processes that receive the signal too
     full = tmp_path / 'full'
     assert main([*argv, '--output', str(full)]) == 0
     run = tmp_path / 'run'
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
     proc = subprocess.Popen([sys.executable, '-m', 'timm_arm.pretrain', *argv, '--output', str(run)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log = run / 'log.jsonl'
     deadline = time.time() + 120
     while not (log.exists() and log.read_text().count('\n') >= 2) and time.time() < deadline:
         time.sleep(0.05)  # metrics from the first step on: wait for two logged steps
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, output
     assert 'SIGTERM received' in output and 'stopped by SIGTERM' in output and 'Traceback' not in output

@@ -6,6 +6,7 @@ a different number of GPUs at the same global batch, see exactly the same pixels
 """
 import logging
 import os
+import signal
 from typing import Iterator
 
 import torch
@@ -131,6 +132,13 @@ def open_dataset(name: str, root: str, split: str = 'train', check_images: int =
     return dataset
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Workers ignore SIGINT / SIGTERM: a scheduler (or Ctrl-C) signals the whole process group, and the training
+    process, which checkpoints at the next step boundary, still needs its workers until then; it stops them itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class WorkerLoader:
     """Worker processes decode and augment each sample (pretrain_transform, seeded per sample).
 
@@ -152,9 +160,11 @@ class WorkerLoader:
     ):
         self.dataset = SeededTransformDataset(dataset, pretrain_transform(img_size, scale=tuple(scale)), seed=seed)
         self.sampler = ResumableSampler(self.dataset, num_replicas=num_replicas, rank=rank, seed=seed)
+        # workers restart each epoch (not persistent): they copy the dataset, whose epoch (the augmentation seed)
+        # changes
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=pin_memory, drop_last=True)  # workers restart each epoch: they
-        # copy the dataset, whose epoch (the augmentation seed) changes
+                                 pin_memory=pin_memory, drop_last=True,
+                                 worker_init_fn=_leave_stop_signals_to_the_trainer)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.dataset.set_epoch(epoch)

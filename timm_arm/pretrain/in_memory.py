@@ -126,9 +126,10 @@ def sample_crops(
 
 
 @lru_cache(maxsize=16)
-def _resize_table(length: int, size: int, mode: str) -> torch.Tensor:
-    """(length + 1, size, length): entry c holds, in its first c columns, the (size x c) matrix that resizes c
-    pixels to ``size`` exactly as F.interpolate(mode, antialias=True) does (interpolate applied to an identity)."""
+def _resize_table(length: int, size: int, mode: str, device: torch.device) -> torch.Tensor:
+    """(length + 1, size, length) on `device`: entry c holds, in its first c columns, the (size x c) matrix that
+    resizes c pixels to ``size`` exactly as F.interpolate(mode, antialias=True) does (interpolate applied to an
+    identity). Cached per device: no host-to-device copy per batch."""
     table = torch.zeros(length + 1, size, length, dtype=torch.float64)
     for c in range(1, length + 1):
         # channel k: a unit impulse at pixel k of a 2-pixel-wide column (the antialiased kernels return zeros
@@ -136,7 +137,15 @@ def _resize_table(length: int, size: int, mode: str) -> torch.Tensor:
         eye = torch.eye(c, dtype=torch.float64).view(1, c, c, 1).expand(1, c, c, 2)
         resized = F.interpolate(eye, size=(size, 2), mode=mode, antialias=True, align_corners=False)
         table[c, :, :c] = resized[0, :, :, 0].t()
-    return table.float()
+    return table.float().to(device)
+
+
+@lru_cache(maxsize=16)
+def _normalisation(mean: Tuple[float, ...], std: Tuple[float, ...], device: torch.device
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) in pixel units as (1, C, 1, 1) tensors on `device`, made once."""
+    as_pixels = lambda v: (torch.tensor(v) * 255).view(1, -1, 1, 1).to(device)  # noqa: E731
+    return as_pixels(mean), as_pixels(std)
 
 
 def _resize_matrices(table: torch.Tensor, start: torch.Tensor, length: torch.Tensor, full: int) -> torch.Tensor:
@@ -169,15 +178,13 @@ def crop_resize_flip(
     B, H, W, C = images.shape
     device = images.device
     crops = crops.to(device)
-    rows = _resize_matrices(_resize_table(H, size, interpolation).to(device), crops[:, 0], crops[:, 2], H)
-    cols = _resize_matrices(_resize_table(W, size, interpolation).to(device), crops[:, 1], crops[:, 3], W)
+    rows = _resize_matrices(_resize_table(H, size, interpolation, device), crops[:, 0], crops[:, 2], H)
+    cols = _resize_matrices(_resize_table(W, size, interpolation, device), crops[:, 1], crops[:, 3], W)
     cols = torch.where(flips.to(device)[:, None, None], cols.flip(1), cols)
     x = images.permute(0, 3, 1, 2).float()  # (B, C, H, W)
     x = rows[:, None] @ x @ cols[:, None].transpose(-1, -2)  # (B, C, size, size)
-    x = x.clamp_(0, 255)
-    mean = torch.tensor(mean, device=device).view(1, C, 1, 1) * 255
-    std = torch.tensor(std, device=device).view(1, C, 1, 1) * 255
-    return (x - mean) / std
+    mean, std = _normalisation(tuple(mean), tuple(std), device)
+    return (x.clamp_(0, 255) - mean) / std
 
 
 class InMemoryLoader:
@@ -227,8 +234,8 @@ class InMemoryLoader:
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self._crops is None:
             self.set_epoch(self.epoch)
-        order = torch.tensor(list(self.sampler), dtype=torch.long)
+        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.images.device)  # one copy per epoch
         for b in range(len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.images.device, non_blocking=True)
+            index = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield crop_resize_flip(
                 self.images[index], self._crops[index], self._flips[index], self.img_size, self.mean, self.std)

@@ -170,7 +170,7 @@ def _open_data(args: argparse.Namespace) -> Tuple[Any, Optional[torch.Tensor]]:
         if args.in_memory == 'off':
             return dataset, None
         if isinstance(dataset, IterableDataset):
-            raise InMemoryError(f'--in-memory needs a map-style dataset; {args.dataset} is iterable.')
+            raise InMemoryError(f'--in-memory needs a map-style dataset; {name} is iterable.')
         started = time.perf_counter()
         images = decode_images(dataset, int(args.in_memory_max_gb * 2 ** 30), workers=_workers(args))
     except InMemoryError as e:
