@@ -36,5 +36,10 @@ def environment() -> Dict[str, Any]:
         except (OSError, subprocess.CalledProcessError):
             commit = 'unknown'
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'cpu ({torch.get_num_threads()} threads)'
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     return dict(commit=commit, date=datetime.date.today().isoformat(), device=device, python=platform.python_version(),
-                torch=torch.__version__, timm=timm.__version__)
+                torch=torch.__version__, triton=triton_version, timm=timm.__version__)

@@ -11,14 +11,13 @@ CUDA time of an ARM-B and a ViT-B training step goes, per kernel and by kind. Ti
 CUDA-event timed steps.
 """
 import argparse
-import datetime
 import json
 import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _common import cuda_median_ms
+from _common import cuda_median_ms, environment
 
 import timm
 
@@ -181,8 +180,7 @@ def main():
               f"memory {r['memory']:.2f}x")
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(device=device, torch=torch.__version__, timm=timm.__version__,
-                           date=datetime.date.today().isoformat(), rows=rows, ratios=ratios), f, indent=1)
+            json.dump(dict(benchmark='throughput', **environment(), rows=rows, ratios=ratios), f, indent=1)
     return 0
 
 

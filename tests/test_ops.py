@@ -246,15 +246,13 @@ def test_layer_norm_without_branch_on_cpu():
 
 
 def test_add_layer_norm_takes_the_fused_kernel_only_without_grad(monkeypatch):
-    """With gradients the block's add + LayerNorm stays on PyTorch's ops even on the Triton path (unless
-    fused_grad); without, the Triton path is taken (on CPU tensors: the clear device error shows it was)."""
+    """With gradients the block's add + LayerNorm stays on PyTorch's ops even on the Triton path; without, the Triton
+    path is taken (on CPU tensors: the clear device error shows it was)."""
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     x, branch = torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 3, 8)
     weight, bias = torch.ones(8), torch.zeros(8)
     total, normed = ops.add_layer_norm(x, branch, weight, bias, 1e-5, backend='triton')
     torch.testing.assert_close(normed, F.layer_norm(x + branch, (8,), weight, bias, 1e-5), rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match='"triton" needs CUDA tensors'):
-        ops.add_layer_norm(x, branch, weight, bias, 1e-5, backend='triton', fused_grad=True)
     with torch.no_grad(), pytest.raises(RuntimeError, match='"triton" needs CUDA tensors'):
         ops.add_layer_norm(x, branch, weight, bias, 1e-5, backend='triton')
 
@@ -309,7 +307,7 @@ def test_torch_mixer_core_matches_literal(num_dirs, seqlen, width):
         order = (perm.int(), perm.argsort(1).int())
     leaves = [xz] + weights
     grad = torch.randn(batch, seqlen, d, generator=gen)
-    ours = ops.mixer_core(xz, order, *weights, backend='torch')
+    ours = ops.mixer_core(xz, order, ops.MixerWeights(*weights), backend='torch')
     ref = _mixer_core_literal(xz, order, *weights)
     assert _rel_err(ours, ref) < 1e-5
     for i, (a, b) in enumerate(zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(ref, leaves, grad))):

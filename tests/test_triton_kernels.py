@@ -19,15 +19,12 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec('triton') is None, reas
 if importlib.util.find_spec('triton') is not None:
     from timm_arm.ops.causal_conv1d import causal_conv1d_silu_torch
     from timm_arm.ops.selective_scan import selective_scan_sequential
-    from timm_arm.ops.triton_scan import (
-        ScanConfig,
-        _lane_tile,
-        _pow2,
-        causal_conv1d_silu_tokens,
-        scan_config,
-        selective_scan_tokens,
-        selective_scan_triton,
-    )
+    from timm_arm.ops.triton import selective_scan as selective_scan_triton
+    from timm_arm.ops.triton import selective_scan_tokens
+    from timm_arm.ops.triton.conv import conv_backward, conv_forward
+    from timm_arm.ops.triton.scan import ScanConfig, scan_config
+    from timm_arm.ops.triton.scan_backward import _lane_tile
+    from timm_arm.ops.triton.utils import pow2
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
@@ -164,7 +161,8 @@ def check_tokens(shape, permute, device, dtype=torch.float32, config=None, seed=
 
 
 def check_conv(shape, permute, device, dtype=torch.float32, seed=0, tol=1e-5):
-    """Token-major causal conv + SiLU along per-direction orders: output and the gradients of x, weight, bias."""
+    """Token-major causal conv + SiLU along per-direction orders (the conv kernels' host functions): output and the
+    gradients of x, weight, bias."""
     batch, num_dirs, seqlen, d, width = shape
     g = torch.Generator().manual_seed(seed)
     xz = torch.randn(batch, seqlen, 2 * d, generator=g).to(device, dtype)
@@ -172,10 +170,10 @@ def check_conv(shape, permute, device, dtype=torch.float32, seed=0, tol=1e-5):
     bias = torch.randn(num_dirs, d, generator=g).to(device)
     order, inverse = _orders(num_dirs, seqlen, g, permute)
     order, inverse = (o.to(device) if o is not None else None for o in (order, inverse))
-    xz, w, bias = (v.requires_grad_() for v in (xz, w, bias))
     du = torch.randn(batch, num_dirs, seqlen, d, generator=g).to(device)
-    out = causal_conv1d_silu_tokens(xz[..., :d], w, bias, order, inverse)
-    grads = torch.autograd.grad(out, (xz, w, bias), du.to(out.dtype))
+    kernel_order = [o.int().contiguous() if o is not None else None for o in (order, inverse)]
+    out = conv_forward(xz[..., :d], w, bias, kernel_order[0])
+    grads = conv_backward(du.to(out.dtype), xz[..., :d], w, bias, *kernel_order)
     xr = xz.detach().float().requires_grad_()
     wr, br = w.detach().requires_grad_(), bias.detach().requires_grad_()
     xs = _gather_steps(xr[..., :d].unsqueeze(1).expand(batch, num_dirs, seqlen, d), order)
@@ -183,6 +181,7 @@ def check_conv(shape, permute, device, dtype=torch.float32, seed=0, tol=1e-5):
                                    wr.reshape(num_dirs * d, width), br.reshape(-1))
     ref = _gather_steps(ref.view(batch, num_dirs, d, seqlen).permute(0, 1, 3, 2), inverse)
     ref_grads = torch.autograd.grad(ref, (xr, wr, br), du)
+    ref_grads = (ref_grads[0][..., :d],) + ref_grads[1:]  # z's half has no gradient
     errs = {'out': rel_err(out, ref)}
     errs.update({k: rel_err(a, b) for k, a, b in zip(('x', 'weight', 'bias'), grads, ref_grads)})
     worst = max(errs, key=errs.get)
@@ -195,13 +194,13 @@ def check_conv(shape, permute, device, dtype=torch.float32, seed=0, tol=1e-5):
 def check_swiglu(shape, device, dtype=torch.float32, seed=0, tol=1e-5, gate_last=False, row_pad=0):
     """The fused MLP's silu(gate) * value kernels on the halves of x (rows, 2 H), rows optionally padded (a strided
     view): output and the gradient of x (both halves, one tensor) against PyTorch's ops in fp32."""
-    from timm_arm.ops.triton_scan import _swiglu_grad, _swiglu_launch
+    from timm_arm.ops.triton.swiglu import swiglu_backward, swiglu_forward
     g = torch.Generator().manual_seed(seed)
     rows, width = shape
     full = torch.randn(rows, 2 * width + row_pad, generator=g).mul(3).to(device, dtype)
     dout = torch.randn(rows, width, generator=g).to(device, dtype)
     x = full[:, :2 * width]
-    out, grad = _swiglu_launch(x, gate_last), _swiglu_grad(x, dout, gate_last)
+    out, grad = swiglu_forward(x, gate_last), swiglu_backward(x, dout, gate_last)
     xr = x.detach().float().requires_grad_()
     first, second = xr.chunk(2, dim=-1)
     gate, value = (second, first) if gate_last else (first, second)
@@ -217,34 +216,24 @@ def check_swiglu(shape, device, dtype=torch.float32, seed=0, tol=1e-5, gate_last
 
 def check_add_layer_norm(shape, device, branch_dtype=torch.float32, has_branch=True, has_bias=True, amp=False,
                          seed=0, tol=1e-5):
-    """The fused residual add + LayerNorm (Triton forward, PyTorch's LayerNorm backward) against PyTorch's add and
-    layer_norm: the sum, the normed output (in the autocast dtype under autocast) and every gradient."""
+    """The fused residual add + LayerNorm kernel (the no-grad path of ``ops.add_layer_norm``) against PyTorch's add
+    and layer_norm: the sum and the normed output, the latter in the autocast dtype under autocast."""
     from timm_arm import ops
     g = torch.Generator().manual_seed(seed)
     cols = shape[-1]
-    residual = torch.randn(*shape, generator=g).to(device).requires_grad_()
-    branch = torch.randn(*shape, generator=g).to(device, branch_dtype).requires_grad_() if has_branch else None
-    weight = (1 + .1 * torch.randn(cols, generator=g)).to(device).requires_grad_()
-    bias = torch.randn(cols, generator=g).to(device).requires_grad_() if has_bias else None
-    probes = [torch.randn(*shape, generator=g).to(device) for _ in range(2)]
-    leaves = [t for t in (residual, branch, weight, bias) if t is not None]
+    residual = torch.randn(*shape, generator=g).to(device)
+    branch = torch.randn(*shape, generator=g).to(device, branch_dtype) if has_branch else None
+    weight = (1 + .1 * torch.randn(cols, generator=g)).to(device)
+    bias = torch.randn(cols, generator=g).to(device) if has_bias else None
     results = {}
     for backend in ('triton', 'torch'):
-        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=amp):
-            total, normed = ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend=backend,
-                                               fused_grad=True)
-        loss = (normed.float() * probes[0]).sum() + ((total * probes[1]).sum() if has_branch else 0.)
-        results[backend] = [total, normed] + list(torch.autograd.grad(loss, leaves))
-    with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=amp):  # the default
-        results['triton'] += list(ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend='triton'))
-    results['torch'] += results['torch'][:2]  # (inference) path: the launch without an autograd node
-    names = ['total', 'normed', 'residual'] + ['branch'] * has_branch + ['weight'] + ['bias'] * has_bias
-    names += ['total (no grad)', 'normed (no grad)']
-    errs = {n: rel_err(a, b) for n, a, b in zip(names, results['triton'], results['torch'])}
+        with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=amp):
+            results[backend] = ops.add_layer_norm(residual, branch, weight, bias, 1e-5, backend=backend)
+    errs = {n: rel_err(a, b) for n, a, b in zip(('total', 'normed'), results['triton'], results['torch'])}
     worst = max(errs, key=errs.get)
     out_dtype = torch.bfloat16 if amp else torch.float32
-    ok = errs[worst] < tol and results['triton'][1].dtype == results['triton'][-1].dtype == out_dtype and all(
-        a.dtype == b.dtype for a, b in zip(results['triton'][2:-2], results['torch'][2:-2]))
+    total_dtype = residual.dtype if branch is None else torch.promote_types(residual.dtype, branch.dtype)
+    ok = errs[worst] < tol and results['triton'][1].dtype == out_dtype and results['triton'][0].dtype == total_dtype
     print(f'{"ok  " if ok else "FAIL"} add_layer_norm shape={shape} branch={branch_dtype if has_branch else None} '
           f'bias={has_bias} autocast={amp} worst={worst} {errs[worst]:.2e}', flush=True)
     return ok
@@ -253,7 +242,7 @@ def check_add_layer_norm(shape, device, branch_dtype=torch.float32, has_branch=T
 def check_model(device, tol=1e-4):
     """A small ARM classifier (4 directions, class token in the middle) and the 1-direction pretrainer: logits
     and every parameter gradient of the Triton path against the PyTorch path. The Triton path runs twice: on a GPU
-    the second run's kernels are launched directly (``_launch``'s cached compiled kernels), the first through
+    the second run's kernels are launched directly (``launch``'s cached compiled kernels), the first through
     Triton."""
     from timm_arm import ops
     from timm_arm.models.arm_mamba import ArmMamba
@@ -349,12 +338,11 @@ def check_fused_mixer(num_dirs, device, amp=False, seed=0, tol=1e-5):
             p.add_(torch.randn_like(p) * .05)
     has_cls = num_dirs > 1
     order = scan_orders((4, 5), num_dirs, 10 if has_cls else None, torch.device(device))
-    core = (m.conv_weight, m.conv_bias, m.x_proj_weight, m.dt_proj_weight, m.dt_proj_bias, m.A_log, m.D)
     x = torch.randn(2, 20 + has_cls, 16, device=device)
     params = list(m.parameters())
     ops.set_backend('triton')
     ours = _grads(lambda t: m(t, order), x, params, amp, seed + 1)
-    ref = _grads(lambda t: m.out_proj(ops.mixer_core(m.in_proj(t), order, *core)), x, params, amp, seed + 1)
+    ref = _grads(lambda t: m.out_proj(ops.mixer_core(m.in_proj(t), order, m.weights())), x, params, amp, seed + 1)
     ops.set_backend(None)
     names = ['out', 'x'] + [n for n, _ in m.named_parameters()]
     return _compare(f'fused mixer directions={num_dirs} amp={amp}', ours, ref, names, tol)
@@ -439,7 +427,7 @@ def test_scan_tokens_bf16():
 def test_scan_lane_reduce_scatter(shape):
     """The default backward tile: dB / dC channel sums as a lane reduce-scatter."""
     batch, num_dirs, seqlen, d, d_state = shape
-    assert _lane_tile(scan_config(d, seqlen, d_state), _pow2(d_state)), 'not on the reduce-scatter path'
+    assert _lane_tile(scan_config(d, seqlen, d_state), pow2(d_state)), 'not on the reduce-scatter path'
     assert check_tokens(shape, True, DEVICE, seed=3)
 
 
@@ -517,10 +505,11 @@ SM90_CHECK = """
 import re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from timm_arm.ops import triton_scan as ts
-fn = ts._scan_bwd_kernel
-cfg = ts.scan_config(768, 197, 16)
-assert ts._lane_tile(cfg, 16), 'ARM-B shape no longer uses the lane tile'
+from timm_arm.ops.triton import scan_backward as sb
+from timm_arm.ops.triton.scan import scan_config
+fn = sb._scan_bwd_kernel
+cfg = scan_config(768, 197, 16)
+assert sb._lane_tile(cfg, 16), 'ARM-B shape no longer uses the lane tile'
 flags = dict(NP=16, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, HAS_ORDER=True, BLOCK_D=cfg.block_d_bwd, T=cfg.T_bwd,
              M=cfg.chunks_per_segment, LANE_TILE=True, HAS_STATES=True, ATOMIC=True)
 signature = {n: 'constexpr' if n in flags else ('*i32' if n == 'order_ptr' else '*fp32') if n.endswith('_ptr')
@@ -561,31 +550,59 @@ def test_lane_tile_layout_puts_channels_on_lane_bits():
 def test_triton_conv_rejects_widths_above_four():
     """The Triton conv keeps up to 4 taps in registers (causal-conv1d's limit too): wider is a clear error,
     raised before any kernel launch."""
-    from timm_arm.ops.triton_scan import mixer_core_tokens
-    x = torch.randn(1, 6, 8)
-    with pytest.raises(ValueError, match='widths 1 to 4.*got 5'):
-        causal_conv1d_silu_tokens(x, torch.randn(2, 8, 5), torch.randn(2, 8))
+    from timm_arm.ops import MixerWeights
+    from timm_arm.ops.triton import mixer_core
     K, d, N, R = 2, 8, 4, 2
-    with pytest.raises(ValueError, match='widths 1 to 4.*got 6'):
-        mixer_core_tokens(torch.randn(1, 6, 2 * d), torch.randn(K, d, 6), torch.randn(K, d),
-                          torch.randn(K, R + 2 * N, d), torch.randn(K, d, R), torch.randn(K, d), -torch.rand(K, d, N),
-                          torch.randn(K, d))
+    for width in (5, 6):
+        weights = MixerWeights(torch.randn(K, d, width), torch.randn(K, d), torch.randn(K, R + 2 * N, d),
+                               torch.randn(K, d, R), torch.randn(K, d), -torch.rand(K, d, N), torch.randn(K, d))
+        with pytest.raises(ValueError, match=f'widths 1 to 4.*got {width}'):
+            mixer_core(torch.randn(1, 6, 2 * d), weights)
 
 
 def test_fused_mixer_and_mlp_reject_mismatched_shapes():
     """The one-node mixer and MLP check their weights against the input before any GEMM or launch."""
-    from timm_arm.ops.triton_scan import mixer_tokens, swiglu_mlp_triton
+    from timm_arm.ops import MixerWeights
+    from timm_arm.ops.triton import mixer, swiglu_mlp
     K, d, N, R, dim = 2, 8, 4, 2, 6
     core = (torch.randn(K, d, 4), torch.randn(K, d), torch.randn(K, R + 2 * N, d), torch.randn(K, d, R),
             torch.randn(K, d), -torch.rand(K, d, N), torch.randn(K, d))
     x = torch.randn(1, 5, dim)
     with pytest.raises(ValueError, match=r'in_proj_weight \(16, 7\)'):
-        mixer_tokens(x, torch.randn(2 * d, dim + 1), *core, torch.randn(dim, d))
+        mixer(x, MixerWeights(*core, torch.randn(2 * d, dim + 1), torch.randn(dim, d)))
     with pytest.raises(ValueError, match=r'in-projection width 14'):
-        mixer_tokens(x, torch.randn(2 * d - 2, dim), *core, torch.randn(dim, d))
+        mixer(x, MixerWeights(*core, torch.randn(2 * d - 2, dim), torch.randn(dim, d)))
     with pytest.raises(ValueError, match=r'out_proj_weight \(6, 9\)'):
-        mixer_tokens(x, torch.randn(2 * d, dim), *core, torch.randn(dim, d + 1))
+        mixer(x, MixerWeights(*core, torch.randn(2 * d, dim), torch.randn(dim, d + 1)))
+    with pytest.raises(ValueError, match=r'need in_proj_weight and out_proj_weight'):
+        mixer(x, MixerWeights(*core))
+    order = torch.arange(5).expand(K, 5)
+    with pytest.raises(ValueError, match=r'order and inverse go together'):
+        mixer(x, MixerWeights(*core, torch.randn(2 * d, dim), torch.randn(dim, d)), order)
     with pytest.raises(ValueError, match=r'fc1 weight \(10, 6\)'):
-        swiglu_mlp_triton(x, torch.randn(10, dim), None, torch.randn(dim, 4), None)
+        swiglu_mlp(x, torch.randn(10, dim), None, torch.randn(dim, 4), None)
     with pytest.raises(ValueError, match=r'fc1 weight \(8, 6\)'):
-        swiglu_mlp_triton(x, torch.randn(8, dim), torch.randn(7), torch.randn(dim, 4), None)
+        swiglu_mlp(x, torch.randn(8, dim), torch.randn(7), torch.randn(dim, 4), None)
+
+
+def test_direct_launch_switch_and_declared_triton_versions(monkeypatch):
+    """The launcher calls compiled kernels directly only where Triton's CUDA launcher has the calling convention it
+    was written for, never when TIMM_ARM_TRITON_LAUNCH=triton asks for Triton's public path; and every Triton
+    version pyproject.toml declares for the direct path has that launcher (checked against the installed one)."""
+    pytest.importorskip('triton.backends.nvidia.driver')
+    tomllib = pytest.importorskip('tomllib')
+    import triton
+
+    from timm_arm.ops.triton import launch
+    monkeypatch.setattr(launch, 'ON_CUDA_COMPILER', True)
+    monkeypatch.setenv('TIMM_ARM_TRITON_LAUNCH', 'triton')
+    assert not launch._direct_launch_supported()
+    monkeypatch.delenv('TIMM_ARM_TRITON_LAUNCH')
+    with open(os.path.join(os.path.dirname(HERE), 'pyproject.toml'), 'rb') as f:
+        declared = tomllib.load(f)['tool']['timm_arm']['triton-direct-launch']
+    installed = '.'.join(triton.__version__.split('.')[:2])
+    if installed not in declared:
+        pytest.skip(f'triton {triton.__version__} is not declared for the direct launch path ({declared})')
+    assert launch._direct_launch_supported(), f'triton {installed} is declared but its launcher differs'
+    monkeypatch.setattr(launch, 'ON_CUDA_COMPILER', False)  # the interpreter, ROCm
+    assert not launch._direct_launch_supported()

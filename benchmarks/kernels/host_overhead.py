@@ -2,7 +2,7 @@
 the same forward + backward replayed as one CUDA graph (the upper bound of what less host work can give), and a
 trace's GPU idle gaps split into those where the host issued the next kernel late and the rest.
 
-    python benchmarks/host_overhead.py [--models arm_mamba_base:128,vit_base_patch16_224:128] [--no-trace]
+    python benchmarks/kernels/host_overhead.py [--models arm_mamba_base:128,vit_base_patch16_224:128] [--no-trace]
 
 bf16 autocast, AdamW (fused) for the issue / wall timing, 224 px; one line per model, plus the kernels most
 often waited for. Needs a GPU.

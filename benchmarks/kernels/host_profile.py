@@ -1,7 +1,7 @@
 """ Where a training step's host (Python) time goes: the forward's issue time against its wall time, then a
 cProfile of whole training steps, sorted by own time.
 
-    python benchmarks/host_profile.py [--model arm_mamba_large] [--batch 64] [--steps 5] [--top 35]
+    python benchmarks/kernels/host_profile.py [--model arm_mamba_large] [--batch 64] [--steps 5] [--top 35]
 
 bf16 autocast, fused AdamW, ``loss.item()`` every step (as timm's train.py), 224 px. Needs a GPU.
 """

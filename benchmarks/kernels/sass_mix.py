@@ -1,7 +1,7 @@
 """ Instruction mix of the Triton scan kernels, compiled for sm_90 on any machine (no GPU needed):
 
-    python benchmarks/sass_mix.py [--kernel scan_bwd|scan_fwd] [--block-d 16] [--T 2] [--M 4] [--max-registers 176]
-                                  [--states] [--butterfly] [--a-log]
+    python benchmarks/kernels/sass_mix.py [--kernel scan_bwd|scan_fwd] [--block-d 16] [--T 2] [--M 4]
+                                          [--max-registers 176] [--states] [--butterfly] [--a-log]
 
 Builds the kernel as the model calls it at ARM's shapes (bf16 activations, scan orders, softplus, D, delta bias),
 disassembles it with the cuobjdump that ships with Triton, and prints registers, stack (spill) bytes, layout
@@ -25,7 +25,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from timm_arm.ops import triton_scan as ts
+from timm_arm.ops.triton import scan as triton_scan
+from timm_arm.ops.triton import scan_backward as triton_scan_backward
 
 _BF16_ARGS = {'u_ptr', 'dt_ptr', 'B_ptr', 'C_ptr', 'dy_ptr', 'du_ptr', 'ddt_ptr', 'y_ptr'}
 
@@ -74,7 +75,7 @@ def instruction_mix(cubin: bytes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--kernel', default='scan_bwd', choices=('scan_bwd', 'scan_fwd'))
-    default = ts.scan_config(768, 197, 16)
+    default = triton_scan.scan_config(768, 197, 16)
     parser.add_argument('--block-d', type=int, default=None)
     parser.add_argument('--T', type=int, default=None)
     parser.add_argument('--M', type=int, default=default.chunks_per_segment)
@@ -88,13 +89,13 @@ def main():
     if args.kernel == 'scan_bwd':
         block_d, T = args.block_d or default.block_d_bwd, args.T or default.T_bwd
         cfg = default._replace(T_bwd=T, block_d_bwd=block_d, warps_bwd=args.warps)
-        scatter = ts._lane_tile(cfg, 16) and not args.butterfly
-        kernel = compile_sm90(ts._scan_bwd_kernel, dict(flags, BLOCK_D=block_d, T=T, M=args.M, LANE_TILE=scatter,
-                                                           HAS_STATES=args.states),
-                              args.warps, args.max_registers)
+        scatter = triton_scan_backward._lane_tile(cfg, 16) and not args.butterfly
+        constants = dict(flags, BLOCK_D=block_d, T=T, M=args.M, LANE_TILE=scatter, HAS_STATES=args.states,
+                         ATOMIC=True)
+        kernel = compile_sm90(triton_scan_backward._scan_bwd_kernel, constants, args.warps, args.max_registers)
     else:
         block_d, T = args.block_d or default.block_d_fwd, args.T or default.T
-        kernel = compile_sm90(ts._scan_fwd_kernel, dict(flags, BLOCK_D=block_d, T=T, SEGMENT_CHUNKS=0,
+        kernel = compile_sm90(triton_scan._scan_fwd_kernel, dict(flags, BLOCK_D=block_d, T=T, SEGMENT_CHUNKS=0,
                                                            A_IS_LOG=args.a_log), args.warps)
     registers, stack, loops = instruction_mix(kernel.asm['cubin'])
     per_thread = T * 16 * block_d // (32 * args.warps)

@@ -1,12 +1,12 @@
 """ The scan and conv kernels alone at ARM's shapes: our Triton kernels (token-major, scan orders inside the
 kernel, as the model calls them) vs mamba-ssm / causal-conv1d (channel-first, orders not counted), one run.
 
-    python benchmarks/scan_kernels.py [--json OUT.json] [--sweep] [--shapes 0,1]
+    python benchmarks/kernels/scan_kernels.py [--json OUT.json] [--sweep] [--shapes 0,1]
 
 Times the forward (no grad) and forward+backward (autograd.grad of every input), median of CUDA-event timings,
 bf16 activations, fp32 A / D / delta_bias, softplus, D as in ARM. --sweep also times the Triton scan's forward
 and backward over tile configurations at each shape and prints the best (with registers and spills).
-Correctness is checked by tests/triton_scan_check.py and benchmarks/gpu_check.py.
+Correctness is checked by tests/test_triton_kernels.py and benchmarks/gpu_check.py.
 """
 import argparse
 import itertools
@@ -21,7 +21,21 @@ from _common import cuda_median_ms  # noqa: E402
 
 from timm_arm import ops
 from timm_arm.models.arm_mamba import scan_orders
-from timm_arm.ops import triton_scan as ts
+from timm_arm.ops.triton import conv as triton_conv
+from timm_arm.ops.triton import scan as triton_scan
+from timm_arm.ops.triton import scan_backward as triton_scan_backward
+from timm_arm.ops.triton import selective_scan_tokens
+
+_compiled = {}  # the latest compiled scan kernels (registers, spills), recorded around the kernels' launcher
+
+
+def _record(module, name):
+    launch = module.launch
+
+    def recording_launch(kernel, *args, **kwargs):
+        _compiled[name] = launch(kernel, *args, **kwargs)
+        return _compiled[name]
+    module.launch = recording_launch
 
 # (batch, directions, L, d, N, patch grid)
 SHAPES = [
@@ -69,13 +83,16 @@ def time_shape(shape, iters, has_cuda):
     batch, K, seqlen, d, N, grid = shape
     t, order = token_inputs(*shape)
     row = dict(shape=dict(batch=batch, directions=K, L=seqlen, d=d, N=N))
-    fn = lambda: ts.selective_scan_tokens(**t, delta_softplus=True, order=order[0])
+    fn = lambda: selective_scan_tokens(**t, delta_softplus=True, order=order[0])
     row['triton_scan'] = fwd_and_fwd_bwd(fn, list(t.values()), iters)
-    x = torch.randn(batch, seqlen, 2 * d, device='cuda', dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(K, d, 4, device='cuda', requires_grad=True)
-    b = torch.randn(K, d, device='cuda', requires_grad=True)
-    fn = lambda: ts.causal_conv1d_silu_tokens(x[..., :d], w.to(x.dtype), b.to(x.dtype), *order)
-    row['triton_conv'] = fwd_and_fwd_bwd(fn, [x, w, b], iters)
+    x = torch.randn(batch, seqlen, 2 * d, device='cuda', dtype=torch.bfloat16)
+    w, b = torch.randn(K, d, 4, device='cuda'), torch.randn(K, d, device='cuda')
+    orders = tuple(o.to(torch.int32) for o in order)
+    du = torch.randn(batch, K, seqlen, d, device='cuda', dtype=torch.bfloat16)
+    row['triton_conv'] = (cuda_median_ms(lambda: triton_conv.conv_forward(x[..., :d], w, b, orders[0]), iters),
+                          cuda_median_ms(lambda: (triton_conv.conv_forward(x[..., :d], w, b, orders[0]),
+                                                  triton_conv.conv_backward(du, x[..., :d], w, b, *orders)), iters))
+    w, b = w.requires_grad_(), b.requires_grad_()
     if has_cuda:
         c = channel_first(t)
         fn = lambda: ops.selective_scan(**c, delta_softplus=True, backend='cuda')
@@ -100,12 +117,12 @@ def sweep(shape, iters):
         for T, bd, warps, *extra in grid:
             if bd < 8 * warps:
                 continue
-            cfg = ts.ScanConfig(T, bd, warps, T, bd, warps, *extra)
-            call = (lambda: ts._scan_forward(*args, cfg)) if name == 'scan_fwd' else (
-                lambda: ts._scan_backward(dy, *args, cfg))
+            cfg = triton_scan.ScanConfig(T, bd, warps, T, bd, warps, *extra)
+            call = (lambda: triton_scan.scan_forward(*args, cfg)) if name == 'scan_fwd' else (
+                lambda: triton_scan_backward.scan_backward(dy, *args, cfg))
             try:
                 ms = cuda_median_ms(call, iters)
-                k = ts._last_kernels[name]
+                k = _compiled[name]
                 rows.append((ms, T, bd, warps, k.n_regs, k.n_spills, cfg.chunks_per_segment, cfg.max_registers_bwd))
             except Exception as e:  # out of resources etc.
                 print(f'  sweep {name} T={T} bd={bd} warps={warps}: {type(e).__name__}: {str(e)[:100]}')
@@ -120,8 +137,8 @@ def sweep(shape, iters):
 
 
 def sweep_conv(shape, iters):
-    """The Triton conv's forward and backward over the forward / dx tile sizes (module-level constants of
-    triton_scan; the backward's d(pre-activation) tiles: ``scan_bwd_ab.py --conv --sweep``)."""
+    """The Triton conv's forward and backward over the forward's tile sizes (module-level constants of
+    ``timm_arm.ops.triton.conv``: steps per program, channels, warps)."""
     batch, K, seqlen, d, N, grid = shape
     _, order = token_inputs(*shape)
     x = torch.randn(batch, seqlen, 2 * d, device='cuda', dtype=torch.bfloat16)
@@ -129,22 +146,24 @@ def sweep_conv(shape, iters):
     b = torch.randn(K, d, device='cuda')
     order = tuple(o.to(torch.int32) for o in order)
     du = torch.randn(batch, K, seqlen, d, device='cuda', dtype=torch.bfloat16)
-    saved, rows = (ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS), []
+    saved, rows = (triton_conv.CONV_STEPS, triton_conv.CONV_BLOCK_D, triton_conv.CONV_WARPS), []
     try:
-        for cfg in ((32, 64, 4), (16, 64, 2), (16, 128, 4), (64, 64, 4), (32, 128, 4), (8, 128, 2), (32, 32, 2)):
-            ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS = cfg
-            fwd = cuda_median_ms(lambda: ts._conv_forward(x[..., :d], w, b, order[0]), iters)
-            bwd = cuda_median_ms(lambda: ts._conv_backward(du, x[..., :d], w, b, *order), iters)
+        for cfg in ((64, 128, 1), (32, 64, 4), (16, 64, 2), (16, 128, 4), (64, 64, 4), (32, 128, 4), (8, 128, 2)):
+            triton_conv.CONV_STEPS, triton_conv.CONV_BLOCK_D, triton_conv.CONV_WARPS = cfg
+            fwd = cuda_median_ms(lambda: triton_conv.conv_forward(x[..., :d], w, b, order[0]), iters)
+            bwd = cuda_median_ms(lambda: triton_conv.conv_backward(du, x[..., :d], w, b, *order), iters)
             rows.append((fwd + bwd, fwd, bwd, cfg))
     finally:
-        ts.CONV_BLOCK_T, ts.CONV_BLOCK_D, ts.CONV_WARPS = saved
+        triton_conv.CONV_STEPS, triton_conv.CONV_BLOCK_D, triton_conv.CONV_WARPS = saved
     rows.sort()
-    print(f'sweep conv {shape[:4]}, best first (fwd + bwd, fwd, bwd ms, (BLOCK_T, BLOCK_D, warps)):')
+    print(f'sweep conv {shape[:4]}, best first (fwd + bwd, fwd, bwd ms, (STEPS, BLOCK_D, warps)):')
     print('  ' + ', '.join(f'{t:.3f} {f:.3f} {bw:.3f} {c}' for t, f, bw, c in rows))
     return dict(shape=shape[:5], conv=rows)
 
 
 def main():
+    _record(triton_scan, 'scan_fwd')
+    _record(triton_scan_backward, 'scan_bwd')
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--json', default=None)
     parser.add_argument('--sweep', action='store_true', help='also sweep the Triton scan tile configurations')

@@ -39,7 +39,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from timm_arm.ops import add_layer_norm, mixer, mixer_core, swiglu_mlp
+from timm_arm.ops import MixerWeights, add_layer_norm, mixer, mixer_core, swiglu_mlp
 
 from ._weights import check_pretrained_source
 
@@ -230,11 +230,15 @@ class MultiDirectionMamba(nn.Module):
 
     def forward(self, x: torch.Tensor, order: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """x: (B, L, dim) in token order; order: (scan order, inverse) from scan_orders(), None for 1 direction."""
-        core = (self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias,
-                self.A_log, self.D)
         if _plain_linear(self.in_proj) and _plain_linear(self.out_proj):  # the whole mixer as one op
-            return mixer(x, order, self.in_proj.weight, *core, self.out_proj.weight)
-        return self.out_proj(mixer_core(self.in_proj(x), order, *core))  # projections wrapped or hooked
+            return mixer(x, order, self.weights(with_projections=True))
+        return self.out_proj(mixer_core(self.in_proj(x), order, self.weights()))  # projections wrapped or hooked
+
+    def weights(self, with_projections: bool = False) -> MixerWeights:
+        """This mixer's parameters as the ops take them (the in / out projections' weights where asked for)."""
+        projections = (self.in_proj.weight, self.out_proj.weight) if with_projections else ()
+        return MixerWeights(self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight,
+                            self.dt_proj_bias, self.A_log, self.D, *projections)
 
 
 class AlignedGluMlp(GluMlp):

@@ -1,4 +1,5 @@
 from .dispatch import (
+    MixerWeights,
     add_layer_norm,
     causal_conv1d_silu,
     choose_backend,

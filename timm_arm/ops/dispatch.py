@@ -29,10 +29,11 @@ import torch.nn.functional as F
 
 from .causal_conv1d import causal_conv1d_silu_cuda, causal_conv1d_silu_torch
 from .mixer_torch import mixer_core_torch
+from .mixer_weights import MixerWeights
 from .selective_scan import selective_scan_cuda_fn, selective_scan_torch
 
-__all__ = ['mixer', 'mixer_core', 'swiglu_mlp', 'add_layer_norm', 'selective_scan', 'causal_conv1d_silu',
-           'set_backend', 'get_backend', 'resolve_backend', 'choose_backend', 'has_cuda_kernels']
+__all__ = ['mixer', 'mixer_core', 'MixerWeights', 'swiglu_mlp', 'add_layer_norm', 'selective_scan',
+           'causal_conv1d_silu', 'set_backend', 'get_backend', 'resolve_backend', 'choose_backend', 'has_cuda_kernels']
 
 _BACKENDS = ('auto', 'cuda', 'torch', 'triton')
 _backend_override: Optional[str] = None
@@ -124,7 +125,7 @@ def selective_scan(
     """Selective scan of K stacked directions in one call; see ``timm_arm.ops.selective_scan`` for shapes."""
     which = resolve_backend(u, backend, op='scan')
     if which == 'triton':
-        from .triton_scan import selective_scan_triton
+        from .triton import selective_scan as selective_scan_triton
         return selective_scan_triton(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus)
     if which == 'cuda':
         # the kernel wants A, D, delta_bias in fp32 and u, delta, B, C, z in one activation dtype
@@ -152,52 +153,41 @@ def causal_conv1d_silu(
 def mixer_core(
         xz: torch.Tensor,
         order: Optional[Tuple[torch.Tensor, torch.Tensor]],
-        conv_weight: torch.Tensor,
-        conv_bias: torch.Tensor,
-        x_proj_weight: torch.Tensor,
-        dt_proj_weight: torch.Tensor,
-        dt_proj_bias: torch.Tensor,
-        A_log: torch.Tensor,
-        D: torch.Tensor,
+        weights: MixerWeights,
         backend: Optional[str] = None,
 ) -> torch.Tensor:
     """The core of a K-direction Mamba mixer: from the in-projection's output to the out-projection's input.
 
     xz: (b, L, 2d) = [x, z] per token; order: (scan order, inverse), (K, L) index tensors (None: one direction in
-    token order); conv_weight: (K, d, W); conv_bias, dt_proj_bias, D: (K, d); x_proj_weight: (K, R + 2N, d);
-    dt_proj_weight: (K, d, R); A_log: (K, d, N), the state matrix as Mamba stores it (A = -exp(A_log)). Per
-    direction k, along its order:
+    token order); weights: ``MixerWeights`` (its seven core tensors are read). Per direction k, along its order:
         u = silu(conv(x));  [dt, B, C] = x_proj(u);  y_k = scan(u, dt_proj(dt), A, B, C, D, softplus(. + dt bias))
     returns mean_k(y_k mapped back to token order) * silu(z), (b, L, d).
     """
-    batch, seqlen, two_d = xz.shape
-    K, d, N = A_log.shape
-    R = dt_proj_weight.shape[-1]
     scan_backend = resolve_backend(xz, backend, op='scan')
     if scan_backend == 'triton':
-        from .triton_scan import mixer_core_tokens
-        order_, inverse = order if order is not None else (None, None)
-        return mixer_core_tokens(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-                                 order_, inverse)
+        from .triton import mixer_core as mixer_core_triton
+        return mixer_core_triton(xz, weights, *(order if order is not None else (None, None)))
     if scan_backend == 'torch':  # direction-major, as CPUs like it
-        return mixer_core_torch(xz, order, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                                A_log, D)
+        return mixer_core_torch(xz, order, weights)
 
     # mamba-ssm's kernels: channel-first, scan orders as gathers
+    batch, seqlen, _ = xz.shape
+    K, d, N, R = weights.shape
     u = xz[..., :d].transpose(1, 2)  # (b, d, L)
     if order is None:
         u = u.unsqueeze(1)
     else:
         index = order[0].long().view(1, K, 1, seqlen).expand(batch, K, d, seqlen)
         u = u.unsqueeze(1).expand(batch, K, d, seqlen).gather(-1, index)
-    u = causal_conv1d_silu(u.reshape(batch, K * d, seqlen), conv_weight.view(K * d, -1), conv_bias.view(-1), backend)
-    x_dbl = torch.matmul(x_proj_weight.to(u.dtype), u.view(batch, K, d, seqlen))  # (b, K, R + 2N, L)
+    u = causal_conv1d_silu(u.reshape(batch, K * d, seqlen), weights.conv_weight.view(K * d, -1),
+                           weights.conv_bias.view(-1), backend)
+    x_dbl = torch.matmul(weights.x_proj_weight.to(u.dtype), u.view(batch, K, d, seqlen))  # (b, K, R + 2N, L)
     dt, B, C = x_dbl.split([R, N, N], dim=2)
-    delta = torch.matmul(dt_proj_weight.to(dt.dtype), dt)  # (b, K, d, L)
-    A = -torch.exp(A_log.float())
+    delta = torch.matmul(weights.dt_proj_weight.to(dt.dtype), dt)  # (b, K, d, L)
+    A = -torch.exp(weights.A_log.float())
     y = selective_scan(
-        u, delta.reshape(batch, K * d, seqlen), A.reshape(K * d, N), B, C, D=D.reshape(-1),
-        delta_bias=dt_proj_bias.reshape(-1), delta_softplus=True, backend=backend,
+        u, delta.reshape(batch, K * d, seqlen), A.reshape(K * d, N), B, C, D=weights.D.reshape(-1),
+        delta_bias=weights.dt_proj_bias.reshape(-1), delta_softplus=True, backend=backend,
     ).view(batch, K, d, seqlen)
     if order is None:
         y = y[:, 0]
@@ -209,28 +199,17 @@ def mixer_core(
 def mixer(
         x: torch.Tensor,
         order: Optional[Tuple[torch.Tensor, torch.Tensor]],
-        in_proj_weight: torch.Tensor,
-        conv_weight: torch.Tensor,
-        conv_bias: torch.Tensor,
-        x_proj_weight: torch.Tensor,
-        dt_proj_weight: torch.Tensor,
-        dt_proj_bias: torch.Tensor,
-        A_log: torch.Tensor,
-        D: torch.Tensor,
-        out_proj_weight: torch.Tensor,
+        weights: MixerWeights,
         backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """A whole K-direction Mamba mixer, x (b, L, dim) -> (b, L, dim): out_proj(mixer_core(in_proj(x))), the
-    projections (2d, dim) and (dim, d) without biases. Where the Triton scan runs, one autograd node (the
-    projections' casts and GEMMs inside it: less host time per layer); else F.linear around ``mixer_core``."""
+    """A whole K-direction Mamba mixer, x (b, L, dim) -> (b, L, dim): out_proj(mixer_core(in_proj(x))), with the
+    weights' in_proj_weight (2d, dim) and out_proj_weight (dim, d) (no biases). Where the Triton scan runs, one
+    autograd node (the projections' casts and GEMMs inside it: less host time per layer); else F.linear around
+    ``mixer_core``."""
     if resolve_backend(x, backend, op='scan') == 'triton':
-        from .triton_scan import mixer_tokens
-        order_, inverse = order if order is not None else (None, None)
-        return mixer_tokens(x, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                            A_log, D, out_proj_weight, order_, inverse)
-    y = mixer_core(F.linear(x, in_proj_weight), order, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                   dt_proj_bias, A_log, D, backend)
-    return F.linear(y, out_proj_weight)
+        from .triton import mixer as mixer_triton
+        return mixer_triton(x, weights, *(order if order is not None else (None, None)))
+    return F.linear(mixer_core(F.linear(x, weights.in_proj_weight), order, weights, backend), weights.out_proj_weight)
 
 
 def swiglu_mlp(
@@ -250,7 +229,7 @@ def swiglu_mlp(
     2730 bf16 values are not 16-byte aligned, which sends cuBLAS to slow kernels (43 % of ARM-L's inference time on
     an H200). The zero rows / columns add exact zeros."""
     if resolve_backend(x, backend, op='scan') == 'triton':
-        from .triton_scan import swiglu_mlp_triton
+        from .triton import swiglu_mlp as swiglu_mlp_triton
         return swiglu_mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate_last)
     hidden = fc2_weight.shape[1]
     pad = -hidden % 8 if x.is_cuda else 0
@@ -273,19 +252,15 @@ def add_layer_norm(
         bias: Optional[torch.Tensor],
         eps: float,
         backend: Optional[str] = None,
-        fused_grad: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(residual + branch, layer_norm(residual + branch)); branch None: (residual, layer_norm(residual)).
-    fused_grad: take the fused kernel with gradients too.
 
-    Without gradients on the GPU paths (and the sum is fp32, as a residual stream under autocast is):
-    one Triton kernel reads residual and branch once and writes the sum and the normed output, the latter in the
-    autocast dtype when autocast is on (what the next Linear reads: no cast kernel, and no rounding the Linear
-    would not do anyway). Its autograd path (PyTorch's LayerNorm backward) is tested but not used by default:
-    training steps are partly CPU-bound at ARM-L's size on the H200 host, and the Python autograd node plus a
-    Triton launch cost more host time there than the three ATen ops they replace save on the GPU (ARM-L 3 - 12 %
-    slower per synchronised step, ARM-B 2 % faster; benchmarks/RESULTS.md). Otherwise, and inside torch.compile
-    (which fuses these itself), PyTorch's add and layer_norm.
+    Without gradients on the GPU paths (and the sum is fp32, as a residual stream under autocast is): one Triton
+    kernel reads residual and branch once and writes the sum and the normed output, the latter in the autocast
+    dtype when autocast is on (what the next Linear reads: no cast kernel, and no rounding the Linear would not do
+    anyway). With gradients, and inside torch.compile (which fuses these itself), PyTorch's add and layer_norm: a
+    Python autograd node plus a Triton launch cost more host time than the three ATen ops save on the GPU where
+    training steps are partly host-bound (ARM-L on an H200's host).
     """
     total_dtype = residual.dtype if branch is None else torch.promote_types(residual.dtype, branch.dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
@@ -293,12 +268,11 @@ def add_layer_norm(
     cols = residual.shape[-1]
     fits = (0 < cols <= _LAYER_NORM_MAX_COLS and residual.numel() > 0 and weight.shape == (cols,)
             and (bias is None or bias.shape == (cols,)) and (branch is None or branch.shape == residual.shape))
-    if (total_dtype == torch.float32 and fits and not torch.compiler.is_compiling()
-            and (not needs_grad or fused_grad) and _importable('triton')
-            and resolve_backend(residual, backend, op='scan') != 'torch'):  # both GPU paths
-        from .triton_scan import add_layer_norm_triton
+    if (total_dtype == torch.float32 and fits and not needs_grad and not torch.compiler.is_compiling()
+            and _importable('triton') and resolve_backend(residual, backend, op='scan') != 'torch'):  # GPU paths
+        from .triton import add_layer_norm as add_layer_norm_triton
         device = residual.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else total_dtype
-        return add_layer_norm_triton(residual, branch, weight, bias, eps, out_dtype, needs_grad)
+        return add_layer_norm_triton(residual, branch, weight, bias, eps, out_dtype)
     total = residual if branch is None else residual + branch
     return total, F.layer_norm(total, total.shape[-1:], weight, bias, eps)

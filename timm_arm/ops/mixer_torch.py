@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .mixer_weights import MixerWeights
 from .selective_scan import SequentialScan
 
 __all__ = ['mixer_core_torch']
@@ -18,18 +19,13 @@ __all__ = ['mixer_core_torch']
 def mixer_core_torch(
         xz: torch.Tensor,
         order: Optional[Tuple[torch.Tensor, torch.Tensor]],
-        conv_weight: torch.Tensor,
-        conv_bias: torch.Tensor,
-        x_proj_weight: torch.Tensor,
-        dt_proj_weight: torch.Tensor,
-        dt_proj_bias: torch.Tensor,
-        A_log: torch.Tensor,
-        D: torch.Tensor,
+        weights: MixerWeights,
 ) -> torch.Tensor:
     """``timm_arm.ops.mixer_core`` on the PyTorch path: same arguments, same result, (b, L, d)."""
     batch, seqlen, _ = xz.shape
-    K, d, N = A_log.shape
-    R, width = dt_proj_weight.shape[-1], conv_weight.shape[-1]
+    K, d, N, R = weights.shape
+    conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D = weights.core
+    width = conv_weight.shape[-1]
     x = xz[..., :d].transpose(0, 1)  # (L, b, d)
     x = x.unsqueeze(0).contiguous() if order is None else x[order[0].long()]  # (K, L, b, d), each in its order
 
