@@ -73,7 +73,7 @@ class Experiment:
     def record(self, step: str, seconds: float, **info) -> None:
         entry = self.state.setdefault(step, {'seconds': []})
         entry['seconds'].append(round(seconds, 1))
-        entry.update(info)
+        entry.update(info, commit=self.args.commit)
         self.save()
 
     def script(self, name: str) -> str:
@@ -125,7 +125,7 @@ def step_pretrain(exp: Experiment) -> None:
     log = exp.out / 'pretrain.log'
     _wait(exp.run(cmd, log), log)
     exp.record('pretrain', time.perf_counter() - start, card=_card(), recipe=str(PRETRAIN_RECIPE.relative_to(REPO)),
-               epochs=exp.args.pretrain_epochs or None)
+               epochs=exp.args.pretrain_epochs or None, extra_args=exp.args.pretrain_args)
 
 
 def step_visualize(exp: Experiment) -> None:
@@ -171,7 +171,8 @@ def step_finetune(exp: Experiment) -> None:
     for name, (proc, started) in procs.items():
         _wait(proc, exp.out / f'finetune_{name}.log')
         exp.record(f'finetune_{name}', time.perf_counter() - started, card=_card(), concurrent=len(procs),
-                   recipe=str(FINETUNE_RECIPES[name].relative_to(REPO)), epochs=_epochs(exp, name))
+                   recipe=str(FINETUNE_RECIPES[name].relative_to(REPO)), epochs=_epochs(exp, name),
+                   extra_args=exp.args.finetune_args)
     if procs:
         exp.record('finetune', time.perf_counter() - start, card=_card())
 
@@ -262,7 +263,8 @@ def step_report(exp: Experiment) -> None:
             pretrain_epochs=pretrain_log[-1]['epoch'] + 1 if name == 'arm_pretrained' else 0,
             finetune_gpu_minutes=minutes(f'finetune_{name}'),
             pretrain_gpu_minutes=pretrain_minutes if name == 'arm_pretrained' else 0.,
-            best_epoch_top1=max(r['eval_top1'] for r in curves[name]), recipe=state[f'finetune_{name}']['recipe'])
+            best_epoch_top1=max(r['eval_top1'] for r in curves[name]), recipe=state[f'finetune_{name}']['recipe'],
+            extra_args=state[f'finetune_{name}'].get('extra_args', ''), commit=state[f'finetune_{name}'].get('commit'))
     total = round(pretrain_minutes + minutes('finetune') + sum(
         state[k]['seconds'][0] / 60 for k in state if k.startswith('evaluate_')) + minutes('hub'), 2)
     result = dict(
@@ -270,12 +272,14 @@ def step_report(exp: Experiment) -> None:
         date=time.strftime('%Y-%m-%d'), runs=runs, gap_top1=round(runs['arm_pretrained']['top1']
                                                                  - runs['scratch']['top1'], 2),
         total_gpu_minutes=total, finetune_concurrent=state['finetune_arm_pretrained'].get('concurrent', 1),
-        pretrain=dict(recipe=state['pretrain']['recipe'], final_loss=pretrain_log[-1]['loss'],
+        pretrain=dict(recipe=state['pretrain']['recipe'], extra_args=state['pretrain'].get('extra_args', ''),
+                      commit=state['pretrain'].get('commit'), final_loss=pretrain_log[-1]['loss'],
                       img_per_s=sorted(r['img_per_s'] for r in pretrain_log)[len(pretrain_log) // 2]),
         hub=state.get('hub', {}), anchors=[dict(zip(('source', 'model', 'protocol', 'scratch', 'pretrained'), a))
                                            for a in ANCHORS],
         versions=dict(python=platform.python_version()))
-    (results / 'cifar10_repro.json').write_text(json.dumps(result, indent=2) + '\n')
+    stem = exp.args.results_name
+    (results / f'{stem}.json').write_text(json.dumps(result, indent=2) + '\n')
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r['step'] for r in pretrain_log], [r['loss'] for r in pretrain_log], lw=1)
@@ -283,7 +287,7 @@ def step_report(exp: Experiment) -> None:
            title=f'ARM pretraining of {ARCH} on CIFAR-10')
     ax.grid(alpha=.3)
     fig.tight_layout()
-    fig.savefig(results / 'cifar10_repro_pretrain_loss.png', dpi=120)
+    fig.savefig(results / f'{stem}_pretrain_loss.png', dpi=120)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, label in (('arm_pretrained', 'ARM-pretrained'), ('scratch', 'from scratch')):
         rows = curves[name]
@@ -294,16 +298,21 @@ def step_report(exp: Experiment) -> None:
     ax.legend()
     ax.grid(alpha=.3)
     fig.tight_layout()
-    fig.savefig(results / 'cifar10_repro_finetune_top1.png', dpi=120)
-    (results / 'cifar10_repro.md').write_text(markdown(result) + '\n')
+    fig.savefig(results / f'{stem}_finetune_top1.png', dpi=120)
+    (results / f'{stem}.md').write_text(markdown(result) + '\n')
     print(markdown(result))
 
 
 def markdown(result: dict) -> str:
     pre, scratch = result['runs']['arm_pretrained'], result['runs']['scratch']
+    pretrain_commit = result['pretrain'].get('commit') or result['commit']
+    commits = result['commit'][:10] if pretrain_commit == result['commit'] else \
+        f'{result["commit"][:10]} (pretraining: {pretrain_commit[:10]})'
+    extra = pre.get('extra_args') or ''
     lines = [
-        f'CIFAR-10 test top-1 (%), 10 000 images, 32 px; {result["card"]}, commit {result["commit"][:10]}, '
-        f'{result["total_gpu_minutes"]:.1f} GPU minutes for the whole experiment.',
+        f'CIFAR-10 test top-1 (%), 10 000 images, 32 px; {result["card"]}, commit {commits}, '
+        f'{result["total_gpu_minutes"]:.1f} GPU minutes for the whole experiment.'
+        + (f' Fine-tuning recipes with `{extra}`.' if extra else ''),
         '',
         '| source | model | protocol | from scratch | pretrained (self-supervised) |',
         '| --- | --- | --- | --- | --- |',
@@ -330,6 +339,8 @@ def main() -> int:
     parser.add_argument('--pretrain-args', default='', help='extra timm-arm-pretrain arguments (one string)')
     parser.add_argument('--finetune-args', default='', help="extra train.py arguments for both runs (one string)")
     parser.add_argument('--results', default=str(REPO / 'benchmarks' / 'results'), help='where report writes')
+    parser.add_argument('--results-name', default='cifar10_repro',
+                        help='file name stem of the results (a variant of the recipes: another name)')
     parser.add_argument('--commit', default=os.environ.get('TIMM_ARM_COMMIT', ''), help='commit measured')
     args = parser.parse_args()
     steps = [s for s in args.steps.split(',') if s]
