@@ -312,3 +312,23 @@ def test_torch_mixer_core_matches_literal(num_dirs, seqlen, width):
     assert _rel_err(ours, ref) < 1e-5
     for i, (a, b) in enumerate(zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(ref, leaves, grad))):
         assert _rel_err(a, b) < 1e-4, i
+
+
+def test_mixer_is_the_projections_around_the_core_and_names_missing_projections():
+    """``ops.mixer`` on the PyTorch path: out_proj(mixer_core(in_proj(x))) with the bundle's projections; a bundle
+    without them is a clear error before any work."""
+    gen = torch.Generator().manual_seed(21)
+    K, d, N, R, dim, seqlen = 2, 6, 4, 2, 5, 7
+    mk = lambda *s: torch.randn(*s, generator=gen) * .5  # noqa: E731
+    core = (mk(K, d, 4), mk(K, d), mk(K, R + 2 * N, d), mk(K, d, R), mk(K, d), (torch.rand(K, d, N) + .5).log(),
+            mk(K, d))
+    w_in, w_out = mk(2 * d, dim), mk(dim, d)
+    x = mk(3, seqlen, dim)
+    perm = torch.stack([torch.randperm(seqlen, generator=gen) for _ in range(K)])
+    order = (perm.int(), perm.argsort(1).int())
+    out = ops.mixer(x, order, ops.MixerWeights(*core, in_proj_weight=w_in, out_proj_weight=w_out), backend='torch')
+    ref = F.linear(ops.mixer_core(F.linear(x, w_in), order, ops.MixerWeights(*core), backend='torch'), w_out)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert out.shape == (3, seqlen, dim)
+    with pytest.raises(ValueError, match='need in_proj_weight and out_proj_weight'):
+        ops.mixer(x, order, ops.MixerWeights(*core), backend='torch')

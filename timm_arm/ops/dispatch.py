@@ -206,6 +206,8 @@ def mixer(
     weights' in_proj_weight (2d, dim) and out_proj_weight (dim, d) (no biases). Where the Triton scan runs, one
     autograd node (the projections' casts and GEMMs inside it: less host time per layer); else F.linear around
     ``mixer_core``."""
+    if weights.in_proj_weight is None or weights.out_proj_weight is None:
+        raise ValueError('mixer: the weights need in_proj_weight and out_proj_weight (mixer_core runs without)')
     if resolve_backend(x, backend, op='scan') == 'triton':
         from .triton import mixer as mixer_triton
         return mixer_triton(x, weights, *(order if order is not None else (None, None)))
