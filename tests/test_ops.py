@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,3 +334,74 @@ def test_mixer_is_the_projections_around_the_core_and_names_missing_projections(
     assert out.shape == (3, seqlen, dim)
     with pytest.raises(ValueError, match='need in_proj_weight and out_proj_weight'):
         ops.mixer(x, order, ops.MixerWeights(*core), backend='torch')
+
+
+@pytest.mark.parametrize('shape, dtype, tol', [((2, 2, 3, 13, 4), torch.float32, 1e-5),
+                                               ((1, 4, 5, 40, 16), torch.float32, 1e-5),
+                                               ((3, 1, 8, 9, 8), torch.bfloat16, 1e-2)])
+def test_compiled_cpu_scan_matches_eager(monkeypatch, shape, dtype, tol):
+    """The scan's steps compiled for the CPU (``ops.cpu_compile``) against the same scan run eagerly
+    (TIMM_ARM_COMPILE_CPU=0) and the literal step-by-step reference: output and every gradient."""
+    batch, groups, d, seqlen, d_state = shape
+    gen = torch.Generator().manual_seed(seqlen * 7 + d_state)
+    dim = groups * d
+    mk = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    leaves = dict(u=mk(batch, dim, seqlen), delta=mk(batch, dim, seqlen), A=-torch.rand(dim, d_state, generator=gen) * 3
+                  - .1, B=mk(batch, groups, d_state, seqlen), C=mk(batch, groups, d_state, seqlen), D=mk(dim))
+    leaves = {k: (v.to(dtype) if k in ('u', 'delta', 'B', 'C') else v).requires_grad_() for k, v in leaves.items()}
+    grad = torch.randn(batch, dim, seqlen, generator=gen).to(dtype)
+    results = {}
+    for mode in ('1', '0'):
+        monkeypatch.setenv('TIMM_ARM_COMPILE_CPU', mode)
+        out = selective_scan_torch(**leaves, delta_softplus=True)
+        results[mode] = (out, torch.autograd.grad(out, list(leaves.values()), grad))
+    ref = selective_scan_sequential(**{k: v.float() for k, v in leaves.items()}, delta_softplus=True)
+    steps = sys.modules['timm_arm.ops.selective_scan']
+    if steps._ADVANCE_AND_READ.failed:
+        pytest.skip('torch.compile cannot build here (no C++ compiler?)')
+    assert steps._ADVANCE_AND_READ.succeeded and steps._ADVANCE.succeeded  # the compiled steps ran
+    assert _rel_err(results['1'][0], results['0'][0]) < tol
+    assert _rel_err(results['1'][0], ref) < tol
+    for name, a, b in zip(leaves, results['1'][1], results['0'][1]):
+        assert a.dtype == b.dtype and _rel_err(a, b) < tol, name
+
+
+def test_cpu_softplus_matches_float64():
+    """The CPU path's softplus (one compiled pass) against float64 over the whole fp32 range that matters, its
+    gradient against F.softplus's."""
+    from timm_arm.ops.cpu_compile import softplus
+    gen = torch.Generator().manual_seed(5)
+    extremes = torch.tensor([-80., -30., -17., -15., -5., -1e-6, 0., 1e-6, 5., 15., 20., 30., 1e4])
+    x = torch.cat([torch.randn(4, 1000, generator=gen).mul(6).flatten(), extremes]).requires_grad_()
+    ours = softplus(x)
+    ref = F.softplus(x.detach().double())
+    assert ((ours.double() - ref).abs() / ref).max() < 1e-6
+    grad = torch.randn(x.shape, generator=gen)
+    ours_grad, = torch.autograd.grad(ours, x, grad)
+    x2 = x.detach().requires_grad_()
+    ref_grad, = torch.autograd.grad(F.softplus(x2), x2, grad)
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_compile_falls_back_to_eager_with_one_warning(monkeypatch):
+    """Where torch.compile cannot build (no C++ compiler), the first call warns once, naming the problem, and the
+    function runs eagerly with the same result from then on; TIMM_ARM_COMPILE_CPU=0 never tries."""
+    from timm_arm.ops import cpu_compile
+
+    def broken_compile(fn):
+        def call(*args):
+            raise RuntimeError('no C++ compiler found')
+        return call
+    monkeypatch.setattr(cpu_compile.torch, 'compile', broken_compile)
+    fused = cpu_compile.CompiledOnCpu(lambda a, b: a * b + 1)
+    a, b = torch.randn(3), torch.randn(3)
+    assert fused.active(a)
+    with pytest.warns(RuntimeWarning, match='could not build.*no C\\+\\+ compiler'):
+        torch.testing.assert_close(fused(a, b), a * b + 1)
+    assert not fused.active(a)
+    torch.testing.assert_close(fused(a, b), a * b + 1)  # no second warning (pytest's filter: error on warnings below)
+    monkeypatch.setenv('TIMM_ARM_COMPILE_CPU', '0')
+    assert not cpu_compile.CompiledOnCpu(torch.sin).active(a)
+    if torch.cuda.is_available():
+        monkeypatch.delenv('TIMM_ARM_COMPILE_CPU')
+        assert not cpu_compile.CompiledOnCpu(torch.sin).active(a.cuda())

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .cpu_compile import softplus
 from .mixer_weights import MixerWeights
 from .selective_scan import SequentialScan
 
@@ -40,7 +41,7 @@ def mixer_core_torch(
     x_dbl = torch.matmul(u.view(K, seqlen * batch, d), x_proj_weight.to(u.dtype).transpose(1, 2))  # (K, L b, R+2N)
     dt, B, C = x_dbl.split([R, N, N], dim=-1)
     delta = torch.baddbmm(dt_proj_bias.to(dt.dtype)[:, None], dt, dt_proj_weight.to(dt.dtype).transpose(1, 2))
-    delta = F.softplus(delta.float()).view(K, seqlen, batch, d)
+    delta = softplus(delta.float()).view(K, seqlen, batch, d)
     u = u.float()
     y = SequentialScan.apply(u, delta, -torch.exp(A_log.float()), B.float().reshape(K, seqlen, batch, N),
                              C.float().reshape(K, seqlen, batch, N))  # (L, K, b, d)

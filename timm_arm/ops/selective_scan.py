@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .cpu_compile import CompiledOnCpu
+
 __all__ = ['selective_scan_torch', 'selective_scan_sequential', 'selective_scan_cuda_fn', 'SequentialScan']
 
 
@@ -44,12 +46,40 @@ def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: Optional[torch.Tensor], 
     return y.to(u.dtype)
 
 
-def _run_steps(h, x, delta, A, B, C=None, y=None, states=None) -> None:
-    """h <- exp(delta_t A) h + x_t B_t for the steps of x, in place; y_t = <h, C_t>; states collects h before each
-    step. Every temporary lives in two preallocated buffers (allocations cost as much as the arithmetic here).
+def _advance(h, x, delta, A, B):
+    """One step of the recurrence: exp(delta A) h + x B."""
+    return torch.exp(delta * A) * h + x * B
+
+
+def _advance_and_read(h, x, delta, A, B, C, y):
+    """One step, and its output <h, C> into y."""
+    h = _advance(h, x, delta, A, B)
+    y.copy_((h * C).sum(-1))
+    return h
+
+
+_ADVANCE, _ADVANCE_AND_READ = CompiledOnCpu(_advance), CompiledOnCpu(_advance_and_read)
+
+
+def _run_steps(h, x, delta, A, B, C=None, y=None, states=None) -> torch.Tensor:
+    """The recurrence over the steps of x from state h (left as it is); returns the final state. y_t = <h_t, C_t>
+    into y; states collects the state before each step.
 
     h: (G, b, d_g, N); x, delta: (G, T, b, d_g, 1); A: (G, 1, d_g, N); B, C: (G, T, b, 1, N); y: (T, G, b, d_g).
+    On CPUs each step is one compiled loop (``cpu_compile``); else, in place, every temporary in two preallocated
+    buffers (allocations cost as much as the arithmetic here).
     """
+    step = _ADVANCE if y is None else _ADVANCE_AND_READ
+    if step.active(h):
+        for t in range(x.shape[1]):
+            if states is not None:
+                states.append(h)
+            if y is None:
+                h = step(h, x[:, t], delta[:, t], A, B[:, t])
+            else:
+                h = step(h, x[:, t], delta[:, t], A, B[:, t], C[:, t], y[t])
+        return h
+    h = h.clone()
     decay, product = torch.empty_like(h), torch.empty_like(h)
     for t in range(x.shape[1]):
         if states is not None:
@@ -58,6 +88,7 @@ def _run_steps(h, x, delta, A, B, C=None, y=None, states=None) -> None:
         h.mul_(decay).addcmul_(x[:, t], B[:, t])
         if y is not None:
             torch.sum(torch.mul(h, C[:, t], out=product), dim=-1, out=y[t])
+    return h
 
 
 class SequentialScan(torch.autograd.Function):
@@ -82,9 +113,9 @@ class SequentialScan(torch.autograd.Function):
         starts = []
         for s in range(0, seqlen, segment):
             if keep:
-                starts.append(h.clone())
+                starts.append(h)
             e = s + segment
-            _run_steps(h, x[:, s:e], dl[:, s:e], A_, B[:, s:e].unsqueeze(-2), C[:, s:e].unsqueeze(-2), y[s:e])
+            h = _run_steps(h, x[:, s:e], dl[:, s:e], A_, B[:, s:e].unsqueeze(-2), C[:, s:e].unsqueeze(-2), y[s:e])
         ctx.save_for_backward(u, delta, A, B, C, *starts)
         ctx.segment = segment
         return y
@@ -104,9 +135,7 @@ class SequentialScan(torch.autograd.Function):
         for i in reversed(range(len(starts))):
             s, e = i * ctx.segment, min(seqlen, (i + 1) * ctx.segment)
             states = []  # states[j]: the state before step s + j; then the state after the segment's last step
-            h = starts[i].clone()
-            _run_steps(h, x[:, s:e], dl[:, s:e], A_, B_[:, s:e], states=states)
-            states.append(h)
+            states.append(_run_steps(starts[i], x[:, s:e], dl[:, s:e], A_, B_[:, s:e], states=states))
             for t in reversed(range(s, e)):
                 h_t, h_prev = states[t - s + 1], states[t - s]
                 g.addcmul_(dy[t], C_[:, t])  # y_t = <h_t, C_t>
