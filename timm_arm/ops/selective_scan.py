@@ -58,7 +58,22 @@ def _advance_and_read(h, x, delta, A, B, C, y):
     return h
 
 
+def _step_back(g, h, h_prev, dy, x, delta, A, B, C, dA, dC, dx, dB, d_delta):
+    """One step of the backward, walking in reverse: from g = dL/dh_t (before y_t's term), returns dL/dh_(t-1);
+    writes dC_t, dx_t, dB_t, d(delta)_t and adds dA's term (``SequentialScan.backward``'s eager loop, functional)."""
+    g = g + dy * C  # y_t = <h_t, C_t>
+    dC.copy_((h * dy).sum(-2))
+    dx.copy_((g * B).sum(-1))  # h_t = ... + x_t B_t
+    dB.copy_((g * x).sum(-2))
+    decay = torch.exp(delta * A)
+    d_exponent = g * h_prev * decay  # d / d(delta_t A) of h_t = exp(delta_t A) h_(t-1)
+    d_delta.copy_((d_exponent * A).sum(-1))
+    dA.add_(d_exponent * delta)
+    return g * decay
+
+
 _ADVANCE, _ADVANCE_AND_READ = CompiledOnCpu(_advance), CompiledOnCpu(_advance_and_read)
+_STEP_BACK = CompiledOnCpu(_step_back)
 
 
 def _run_steps(h, x, delta, A, B, C=None, y=None, states=None) -> torch.Tensor:
@@ -136,6 +151,11 @@ class SequentialScan(torch.autograd.Function):
             s, e = i * ctx.segment, min(seqlen, (i + 1) * ctx.segment)
             states = []  # states[j]: the state before step s + j; then the state after the segment's last step
             states.append(_run_steps(starts[i], x[:, s:e], dl[:, s:e], A_, B_[:, s:e], states=states))
+            if _STEP_BACK.active(g):
+                for t in reversed(range(s, e)):
+                    g = _STEP_BACK(g, states[t - s + 1], states[t - s], dy[t], x[:, t], dl[:, t], A_, B_[:, t],
+                                   C_[:, t], dA, dC[t], dx[t], dB[t], d_dl[t])
+                continue
             for t in reversed(range(s, e)):
                 h_t, h_prev = states[t - s + 1], states[t - s]
                 g.addcmul_(dy[t], C_[:, t])  # y_t = <h_t, C_t>
