@@ -242,14 +242,8 @@ def _summary_rows(path: Path):
     return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(path.open())] if path.is_file() else []
 
 
-def step_report(exp: Experiment) -> None:
-    """Results JSON + Markdown table + PNG curves into --results (benchmarks/results by default)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    results = Path(exp.args.results)
-    results.mkdir(parents=True, exist_ok=True)
+def summarize(exp: Experiment) -> tuple:
+    """The results record from OUT's state, the pretraining log and the fine-tuning summaries; also the curves."""
     state = exp.state
     pretrain_log = [json.loads(line) for line in (exp.pretrain / 'log.jsonl').open()]
     curves = {name: _summary_rows(exp.finetune / name / 'summary.csv') for name in FINETUNE_RECIPES}
@@ -264,11 +258,14 @@ def step_report(exp: Experiment) -> None:
             finetune_gpu_minutes=minutes(f'finetune_{name}'),
             pretrain_gpu_minutes=pretrain_minutes if name == 'arm_pretrained' else 0.,
             best_epoch_top1=max(r['eval_top1'] for r in curves[name]), recipe=state[f'finetune_{name}']['recipe'],
-            extra_args=state[f'finetune_{name}'].get('extra_args', ''), commit=state[f'finetune_{name}'].get('commit'))
+            extra_args=state[f'finetune_{name}'].get('extra_args', ''), commit=state[f'finetune_{name}'].get('commit'),
+            card=state[f'finetune_{name}']['card'])
+    cards = list(dict.fromkeys([state['pretrain']['card']] + [r['card'] for r in runs.values()]))
     total = round(pretrain_minutes + minutes('finetune') + sum(
         state[k]['seconds'][0] / 60 for k in state if k.startswith('evaluate_')) + minutes('hub'), 2)
     result = dict(
-        benchmark='cifar10_repro', model=ARCH, card=state['pretrain']['card'], commit=exp.args.commit,
+        benchmark='cifar10_repro', model=ARCH, commit=exp.args.commit,
+        card=cards[0] if len(cards) == 1 else f'pretraining: {cards[0]}; fine-tuning: {", ".join(cards[1:])}',
         date=time.strftime('%Y-%m-%d'), runs=runs, gap_top1=round(runs['arm_pretrained']['top1']
                                                                  - runs['scratch']['top1'], 2),
         total_gpu_minutes=total, finetune_concurrent=state['finetune_arm_pretrained'].get('concurrent', 1),
@@ -278,6 +275,19 @@ def step_report(exp: Experiment) -> None:
         hub=state.get('hub', {}), anchors=[dict(zip(('source', 'model', 'protocol', 'scratch', 'pretrained'), a))
                                            for a in ANCHORS],
         versions=dict(python=platform.python_version()))
+    return result, pretrain_log, curves
+
+
+def step_report(exp: Experiment) -> None:
+    """Results JSON + Markdown table + PNG curves into --results (benchmarks/results by default)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    result, pretrain_log, curves = summarize(exp)
+    runs = result['runs']
+    results = Path(exp.args.results)
+    results.mkdir(parents=True, exist_ok=True)
     stem = exp.args.results_name
     (results / f'{stem}.json').write_text(json.dumps(result, indent=2) + '\n')
 
