@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import timm
 
@@ -148,6 +149,15 @@ def test_export_loads_into_classifier(image_folder, tmp_path):
     assert sd['pos_embed'].shape == (1, 6 * 6 + 1, 32)  # 4x4 pretraining grid resampled to 6x6 + middle cls
     assert torch.all(sd['pos_embed'][0, 18] == 0)
     assert classifier(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+
+    # timm-arm-hub convert of the training checkpoint by itself: the model and the encoder's shape from the run's
+    # args.yaml (its decoder settings left out), the same weights as the export
+    from timm_arm.hub.export import convert
+    convert(latest_checkpoint(str(tmp_path)), tmp_path / 'hub', None, check=False, log=lambda msg: None)
+    converted = load_file(tmp_path / 'hub' / 'model.safetensors')
+    exported = load_file(export / 'model.safetensors')
+    assert converted.keys() == exported.keys() and all(torch.equal(converted[k], exported[k]) for k in exported)
+    assert json.load(open(tmp_path / 'hub' / 'config.json'))['model_args']['embed_dim'] == 32
 
     # the --export command re-exports any checkpoint; local-dir: builds the 4-direction classifier from config
     again = tmp_path / 'again'

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('out_dir', help='folder to create (model.safetensors, config.json, README.md)')
     p.add_argument('--model', default=None, metavar='NAME',
                    help='arm_mamba_<size>[.<tag>]; without a tag: the tag that fits the checkpoint (form, size); '
-                        "default: the model of the train.py run whose args.yaml lies beside the checkpoint")
+                        'default: the model of the train.py or timm-arm-pretrain run whose args.yaml lies beside '
+                        'the checkpoint')
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='extra create_model arguments, e.g. embed_dim=32 depth=2')
     entry = p.add_mutually_exclusive_group()

@@ -27,6 +27,7 @@ from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg, is_model, list_models, list_pretrained, split_model_name_tag
 
 from timm_arm.models.arm_mamba import ENCODER_FORM, HUB_ORG, checkpoint_filter_fn
+from timm_arm.models.arm_pretrain import encoder_kwargs
 from timm_arm.serialization import write_timm_folder
 
 from .source import CheckpointInfo, HubError, describe_state_dict, read_checkpoint, sha256_file
@@ -142,8 +143,10 @@ def _resolve_name(model_name: str, info: CheckpointInfo, file: Path, img_size_gi
     return arch, cfg.to_dict()
 
 
-def _train_run_args(file: Path) -> Dict[str, Any]:
-    """The args.yaml that timm's train.py writes beside its checkpoints, if there is one ({} otherwise)."""
+def _run_args(file: Path, info: CheckpointInfo) -> Dict[str, Any]:
+    """The args.yaml that timm's train.py or our pretrainer writes beside its checkpoints ({} where there is none).
+
+    The pretrainer's model_kwargs hold the decoder's settings too: only the encoder's are kept."""
     path = file.parent / 'args.yaml'
     if not path.is_file():
         return {}
@@ -151,7 +154,11 @@ def _train_run_args(file: Path) -> Dict[str, Any]:
         run = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise HubError(path, f'unreadable training arguments ({_one_line(e)})') from None
-    return run if isinstance(run, dict) else {}
+    if not isinstance(run, dict):
+        return {}
+    if info.layout == 'timm-arm-pretrainer':
+        return dict(model=run.get('model'), model_kwargs=encoder_kwargs(run.get('model_kwargs') or {}))
+    return run
 
 
 def _build(model_id: str, cfg: Dict[str, Any], info: CheckpointInfo, model_kwargs: Dict[str, Any], file: Path):
@@ -430,8 +437,8 @@ def convert(
         source: Checkpoint file or folder (see read_checkpoint).
         out_dir: Folder to create; an existing one is refused unless `overwrite`.
         model_name: 'arm_mamba_<size>[.<tag>]'; without a tag, the architecture's tag that matches the
-            checkpoint's form and image size, else the bare architecture. None: the model of the train.py run
-            whose args.yaml lies beside the checkpoint.
+            checkpoint's form and image size, else the bare architecture. None: the model of the train.py or
+            timm-arm-pretrain run whose args.yaml lies beside the checkpoint.
         model_kwargs: Extra create_model kwargs (e.g. a non-standard size) over those of that args.yaml; img_size,
             patch_size and num_classes default to the checkpoint's. The run's crop_pct, mean, std and
             interpolation become the folder's data config.
@@ -448,7 +455,7 @@ def convert(
     state_dict, file, taken = read_checkpoint(source, entry)
     info = describe_state_dict(state_dict, file)
     log(f'read {file}' + (f" (entry '{taken}')" if taken else '') + f': {info.summary()}')
-    run = _train_run_args(file)
+    run = _run_args(file, info)
     if run:
         log(f'read {file.parent / "args.yaml"}: the training run\'s model arguments and data config')
     model_name = model_name or run.get('model') and split_model_name_tag(run['model'])[0]

@@ -32,7 +32,7 @@ from timm.models._manipulate import checkpoint
 from .arm_mamba import ArmMamba
 
 __all__ = ['ArmPretrainer', 'CrossAttentionBlock', 'cluster_order', 'block_causal_mask', 'default_tap_layers',
-           'create_pretrainer']
+           'create_pretrainer', 'encoder_kwargs']
 
 
 def cluster_order(grid_size: Tuple[int, int], cluster_size: Tuple[int, int]) -> torch.Tensor:
@@ -272,6 +272,11 @@ class ArmPretrainer(nn.Module):
 
 _PRETRAINER_ARGS = ('cluster_size', 'tap_layers', 'decoder_embed_dim', 'decoder_depth', 'decoder_num_heads',
                     'decoder_mlp_ratio', 'norm_pix_eps', 'in_chans', 'device', 'dtype')
+
+
+def encoder_kwargs(pretrainer_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The ArmMamba arguments among create_pretrainer's keyword arguments (what shapes the encoder, not the decoder)."""
+    return {k: v for k, v in pretrainer_kwargs.items() if k not in _PRETRAINER_ARGS or k == 'in_chans'}
 
 
 def create_pretrainer(model_name: str = 'arm_mamba_base', img_size: Union[int, Tuple[int, int]] = 192,
