@@ -253,6 +253,28 @@ def test_max_steps_exports_and_time_checkpoints(image_folder, tmp_path, caplog):
         assert text in summary, text
 
 
+def test_quick_on_cpu_run_and_max_steps(tmp_path, caplog):
+    """Without a GPU, --quick-on-cpu N: N updates at batch 64 over N x 64 of the images, one epoch, in float32;
+    --max-steps still stops it earlier, and the run ends like any other (checkpoint + export)."""
+    caplog.set_level('INFO')
+    rng = np.random.default_rng(1)
+    data = tmp_path / 'images' / 'one'
+    data.mkdir(parents=True)
+    for i in range(200):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f'{i}.png')
+    common = ['--data-dir', str(tmp_path / 'images'), *MODEL, *FAST, '--amp-dtype', 'bfloat16', '-b', '8',
+              '--epochs', '7', '--ckpt-interval', '1000', '--device', 'cpu', '--quick-on-cpu', '3']
+    assert main([*common, '--output', str(tmp_path / 'full')]) == 0
+    assert 'a quick run of 3 updates (batch 64, 192 images, one epoch)' in caplog.text
+    assert 'global batch 64' in caplog.text and '3 updates/epoch, 3 updates in all, amp float32' in caplog.text
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'full' / 'log.jsonl')][-1] == 3
+    caplog.clear()
+    assert main([*common, '--output', str(tmp_path / 'capped'), '--max-steps', '1']) == 0
+    assert '--max-steps 1 stops it earlier' in caplog.text and '1 updates in all' in caplog.text
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / 'capped'))] == ['checkpoint-00000001.pth']
+    assert (tmp_path / 'capped' / 'export' / 'model.safetensors').is_file()
+
+
 def test_keep_last_never_keeps_an_unreadable_checkpoint(image_folder, tmp_path):
     """The newest checkpoint torn: resume falls back to the one before, and pruning keeps readable ones only."""
     out = tmp_path / 'out'

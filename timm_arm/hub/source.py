@@ -146,7 +146,7 @@ class CheckpointInfo:
     def summary(self) -> str:
         form = 'AR-pretrained encoder' if self.is_encoder else f'{self.num_classes or 0}-class classifier'
         return (f'{form}, {self.layout} layout: embed_dim={self.embed_dim}, depth={self.depth}, '
-                f'patch {self.patch_size}, {self.grid[0]}x{self.grid[1]} patches ({self.img_size[0]} px), '
+                f'patch {self.patch_size}, {self.grid[0]}x{self.grid[1]} grid ({self.img_size[0]} px), '
                 f'{self.num_directions} scan direction(s)')
 
 

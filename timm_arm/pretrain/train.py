@@ -239,8 +239,9 @@ def train(args: argparse.Namespace) -> Optional[str]:
     if args.quick_on_cpu and not use_cuda:
         _logger.warning(
             f'No GPU: a quick run of {args.quick_on_cpu} updates (batch 64, {args.quick_on_cpu * 64} images, one '
-            f'epoch) instead of {args.epochs} epochs at batch {args.batch_size}; on a GPU this recipe runs in full.')
-        args.batch_size, args.epochs, args.warmup_epochs, args.max_steps = 64, 1, 0.1, 0
+            f'epoch) instead of {args.epochs} epochs at batch {args.batch_size}; on a GPU this recipe runs in full.'
+            + (f' --max-steps {args.max_steps} stops it earlier.' if args.max_steps else ''))
+        args.batch_size, args.epochs, args.warmup_epochs = 64, 1, 0.1
         args.grad_accum_steps, args.quick_samples, args.amp_dtype = 1, args.quick_on_cpu * 64, 'float32'
         accum = 1
     micro = args.batch_size // (world * accum)
@@ -481,7 +482,7 @@ def _summary(args: argparse.Namespace, model: ArmPretrainer, record: Dict[str, A
         grid = model.encoder.patch_embed.grid_size
         lines += [
             f'  export:     {export}/model.safetensors + config.json ({args.model}, {args.img_size} px, '
-            f'{grid[0]}x{grid[1]} patches)',
+            f'{grid[0]}x{grid[1]} grid of patches)',
             '  fine-tune:  timm.create_model(\'local-dir:' + export + '\', pretrained=True, num_classes=N)',
             f'              python train.py --device-modules timm_arm --model local-dir:{export} --pretrained '
             f'--num-classes N --data-dir DATA',
