@@ -310,7 +310,7 @@ def test_pretrained_unpublished_tag_fails_fast_offline(tmp_path, monkeypatch):
     message = str(e.value)
     for text in ('arm_mamba_huge.arm_in1k', 'Hub repo timm-arm/arm_mamba_huge.arm_in1k', 'offline (HF_HUB_OFFLINE=1)',
                  'timm-arm-hub convert CHECKPOINT out/arm_mamba_huge.arm_in1k', "local-dir:",
-                 "pretrained_cfg_overlay=dict(file='CHECKPOINT')"):
+                 "pretrained_cfg_overlay=dict(file='CHECKPOINT')", 'No tag is published on the Hub yet.'):
         assert text in message, text
 
 

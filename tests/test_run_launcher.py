@@ -91,6 +91,33 @@ def test_train_recipe_checked_before_run(tmp_path, monkeypatch, recipe, extra, e
         assert (tmp_path / 'ran').exists()
 
 
+def test_unavailable_hub_weights_refused_before_run(tmp_path, monkeypatch):
+    """A recipe that starts from a registered tag whose weights are neither cached nor fetchable (offline, empty
+    cache): an error naming the repo, why, and --pretrained-path, before train.py runs; cached weights pass."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setattr(sys, 'argv', ['timm-arm-run'])
+    train = tmp_path / 'train.py'
+    train.write_text(TRAIN_STAND_IN)
+    config = tmp_path / 'recipe.yaml'
+    config.write_text('model: arm_mamba_tiny_patch4_32.arm_cifar10_ar\ndevice_modules: [timm_arm]\npretrained: true\n')
+    with pytest.raises(SystemExit) as e:
+        main([str(train), '--config', str(config)])
+    for text in ('timm-arm/arm_mamba_tiny_patch4_32.arm_cifar10_ar', 'offline (HF_HUB_OFFLINE=1)',
+                 'Pass --pretrained-path FILE'):
+        assert text in str(e.value.code), text
+    assert not (tmp_path / 'ran').exists()
+    # the same weights in the local Hugging Face cache (as `timm-arm-hub cache` puts them): train.py runs
+    snapshot = tmp_path / 'hub' / 'models--timm-arm--arm_mamba_tiny_patch4_32.arm_cifar10_ar' / 'snapshots' / 'abc'
+    snapshot.mkdir(parents=True)
+    (snapshot / 'model.safetensors').write_bytes(b'')
+    (snapshot.parent.parent / 'refs').mkdir()
+    (snapshot.parent.parent / 'refs' / 'main').write_text('abc')
+    main([str(train), '--config', str(config)])
+    assert (tmp_path / 'ran').exists()
+
+
 DEVICE_STAND_IN = """
 import sys
 from pathlib import Path

@@ -49,12 +49,20 @@ def _check_train_config(script: str, argv: List[str]) -> None:
     if pretrained and not _option(argv, '--pretrained-path') and recipe.get('model'):
         from timm.models import get_pretrained_cfg
 
+        from timm_arm.models._weights import hub_weights_problem
+
         name = recipe['model']
         cfg = get_pretrained_cfg(name, allow_unregistered=True)
         if cfg is None or not (cfg.url or cfg.file or cfg.hf_hub_id):
             raise RecipeError(
                 f'{config}: pretrained is set but {name} has no published weights: pass --pretrained-path '
                 f'(train.py would silently start from random weights)')
+        problem = cfg.hf_hub_id and hub_weights_problem(cfg.hf_hub_id)  # in the local cache or fetchable?
+        if problem:
+            raise RecipeError(
+                f'{config}: pretrained is set, but the weights of {name} ({cfg.hf_hub_id}) cannot be had: {problem}. '
+                f"Pass --pretrained-path FILE to start from a file (e.g. timm-arm-pretrain's "
+                f'OUT/export/model.safetensors)')
 
 
 def _find_script(script: str) -> str:

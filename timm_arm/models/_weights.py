@@ -9,7 +9,7 @@ from timm.models._hub import hf_split
 
 from timm_arm.serialization import UnreadableCheckpoint, check_weights_file
 
-__all__ = ['check_pretrained_source', 'PretrainedUnavailable']
+__all__ = ['check_pretrained_source', 'hub_weights_problem', 'PretrainedUnavailable']
 
 _HUB_FILES = ('model.safetensors', 'pytorch_model.bin')
 
@@ -22,10 +22,16 @@ def _how_to_get(name: str) -> str:
     return (f'To use weights you have (the authors\' checkpoint, or your own): `timm-arm-hub convert CHECKPOINT '
             f'out/{name} --model {name}`, then timm.create_model(\'local-dir:out/{name}\', pretrained=True); or '
             f'timm.create_model(\'{name.split(".")[0]}\', pretrained=True, '
-            f'pretrained_cfg_overlay=dict(file=\'CHECKPOINT\')). The README lists the tags published on the Hub.')
+            f'pretrained_cfg_overlay=dict(file=\'CHECKPOINT\')). {_published()}')
 
 
-def _hub_problem(hf_hub_id: str) -> Optional[str]:
+def _published() -> str:
+    from timm_arm.models.arm_mamba import HUB_REVISIONS
+    tags = sorted(HUB_REVISIONS)
+    return f'Tags published on the Hub: {", ".join(tags)}.' if tags else 'No tag is published on the Hub yet.'
+
+
+def hub_weights_problem(hf_hub_id: str) -> Optional[str]:
     """None if the weights are in the local cache or on the Hub; else why they cannot be fetched."""
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
 
@@ -66,7 +72,7 @@ def check_pretrained_source(variant: str, kwargs: Dict[str, Any]) -> None:
             raise PretrainedUnavailable(f'{name}: pretrained weights {e.path}: {e.problem}') from None
         return
     if cfg.hf_hub_id:
-        problem = _hub_problem(cfg.hf_hub_id)
+        problem = hub_weights_problem(cfg.hf_hub_id)
         if problem:
             raise PretrainedUnavailable(
                 f'{name}: cannot fetch its pretrained weights from the Hugging Face Hub repo {cfg.hf_hub_id}: '
