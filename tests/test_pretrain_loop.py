@@ -269,6 +269,9 @@ def test_quick_on_cpu_run_and_max_steps(tmp_path, caplog):
     assert 'global batch 64' in caplog.text and '3 updates/epoch, 3 updates in all, amp float32' in caplog.text
     assert [json.loads(line)['step'] for line in open(tmp_path / 'full' / 'log.jsonl')][-1] == 3
     caplog.clear()
+    assert main([*common, '--output', str(tmp_path / 'full')]) == 0  # again: resumes at the end, runs nothing
+    assert 'Pretraining finished (3 updates, 1 epochs): nothing left to run.' in caplog.text
+    caplog.clear()
     assert main([*common, '--output', str(tmp_path / 'capped'), '--max-steps', '1']) == 0
     assert '--max-steps 1 stops it earlier' in caplog.text and '1 updates in all' in caplog.text
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / 'capped'))] == ['checkpoint-00000001.pth']

@@ -474,8 +474,12 @@ def _summary(args: argparse.Namespace, model: ArmPretrainer, record: Dict[str, A
         how = f'stopped by --max-steps at update {step} of {all_updates}'
     else:
         how = f'finished ({step} updates, {args.epochs} epochs)'
-    rate = steps_done * args.batch_size / seconds if steps_done else 0.
-    lines = [f'Pretraining {how}: loss {record.get("loss", float("nan")):.4f}, {rate:.0f} img/s over this run.']
+    if steps_done:  # the loss of the last logged update (every --log-interval, the first and the last)
+        at = '' if record['step'] == step else f' at update {record["step"]}'
+        stand = f'loss {record["loss"]:.4f}{at}, {steps_done * args.batch_size / seconds:.0f} img/s over this run'
+    else:
+        stand = 'nothing left to run'
+    lines = [f'Pretraining {how}: {stand}.']
     if checkpoint:
         lines.append(f'  checkpoint: {checkpoint}  (the same command resumes from it)')
     if export:
