@@ -67,7 +67,8 @@ def main() -> int:
     deselect = ' and '.join([f'not {name}' for name in EXCLUDED] +
                             [f'not ({test} and {model})' for test, model in EXCLUDED_PAIRS])
     args = [sys.executable, '-m', 'pytest', str(suite), '-p', 'timm_arm', '-k', f'arm_mamba and {deselect}',
-            '-p', 'no:cacheprovider', '-p', 'no:unraisableexception', '-q', *sys.argv[1:]]
+            '-p', 'no:cacheprovider', '-p', 'no:unraisableexception', '-q',
+            '-W', 'ignore::pytest.PytestUnknownMarkWarning', *sys.argv[1:]]
     print('running:', ' '.join(args), flush=True)
     return subprocess.call(args, cwd=suite.parent, env=env)
 

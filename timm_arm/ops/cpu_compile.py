@@ -8,6 +8,7 @@ runs eagerly from then on; TIMM_ARM_COMPILE_CPU=0 skips the attempt. Inside a co
 model is traced anyway) and for tensors not on a CPU the eager functions run.
 """
 import os
+import textwrap
 import warnings
 from typing import Callable
 
@@ -42,8 +43,9 @@ class CompiledOnCpu:
             out = self.compiled(*args)
         except Exception as error:  # the first build failed: eager from now on
             self.failed = True
+            first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), '')
             warnings.warn(f'timm_arm: torch.compile could not build {self.fn.__name__} for the CPU path '
-                          f'({type(error).__name__}: {str(error)[:200]}); it runs eagerly, slower '
+                          f'({type(error).__name__}: {textwrap.shorten(first_line, 240)}); it runs eagerly, slower '
                           f'(TIMM_ARM_COMPILE_CPU=0 skips the attempt)', RuntimeWarning, stacklevel=2)
             return self.fn(*args)
         self.succeeded = True

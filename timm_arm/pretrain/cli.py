@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='only draw images of --data-dir beside the next-cluster predictions of the checkpoint '
                         '(--resume or latest in --output) into FILE.png')
     g.add_argument('--num-images', type=int, default=8, help='images in the --visualize grid')
-    g.add_argument('--device', default='', help='cuda / cpu (default: cuda if available)')
+    g.add_argument('--device', default='', help="cuda / cpu; %(default)r: cuda if available")
     return parser
 
 

@@ -429,8 +429,7 @@ def train(args: argparse.Namespace) -> Optional[str]:
                         _logger.info(f'update {global_step}/{total_updates} (epoch {epoch}): loss {loss_value:.4f}, '
                                      f'lr {record["lr"]:.2e}, {img_per_s:.0f} img/s, eta {eta_text}')
                     if pbar is not None:
-                        pbar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{record["lr"]:.2e}',
-                                         img_s=f'{img_per_s:.0f}', eta=eta_text)
+                        pbar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{record["lr"]:.2e}', img_s=f'{img_per_s:.0f}')
                     t_log, steps_since_log = now, 0
                 if pbar is not None:
                     pbar.update(1)
